@@ -1,0 +1,293 @@
+//! Domain values shared by requests and replies: names, sizes, states.
+//!
+//! Values that have rules (a VM name) are parsed once, at the edge: a
+//! `VmName` that exists is valid, whether it came from a CLI argument or was
+//! decoded from a frame.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted VM name, in bytes.
+pub const MAX_VM_NAME_LEN: usize = 64;
+
+/// The name of a VM as the host declares it (`microvm@<name>.service`).
+///
+/// 1 to [`MAX_VM_NAME_LEN`] ASCII letters, digits, `-`, `_` or `.`, not
+/// starting with `-` or `.`: safe as a systemd instance name and as a path
+/// component.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VmName(String);
+
+/// Why a string is not a [`VmName`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VmNameError {
+    /// The name is empty.
+    #[error("VM name is empty")]
+    Empty,
+    /// The name is longer than [`MAX_VM_NAME_LEN`].
+    #[error("VM name is longer than {MAX_VM_NAME_LEN} bytes")]
+    TooLong,
+    /// The name contains a character outside `[A-Za-z0-9._-]`.
+    #[error("VM name contains {0:?}; allowed are letters, digits, '-', '_' and '.'")]
+    BadChar(char),
+    /// The name starts with `-` or `.`.
+    #[error("VM name must not start with '-' or '.'")]
+    BadStart,
+}
+
+impl VmName {
+    /// Parses a VM name.
+    ///
+    /// # Errors
+    /// [`VmNameError`] says which rule the name breaks.
+    pub fn new(name: impl Into<String>) -> Result<Self, VmNameError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(VmNameError::Empty);
+        }
+        if name.len() > MAX_VM_NAME_LEN {
+            return Err(VmNameError::TooLong);
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(VmNameError::BadChar(c));
+        }
+        if name.starts_with(['-', '.']) {
+            return Err(VmNameError::BadStart);
+        }
+        Ok(Self(name))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for VmName {
+    type Error = VmNameError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<VmName> for String {
+    fn from(name: VmName) -> Self {
+        name.0
+    }
+}
+
+impl FromStr for VmName {
+    type Err = VmNameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for VmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An AF_VSOCK context id (a guest's address; 2 is the host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Cid(pub u32);
+
+impl fmt::Display for Cid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// An amount of memory in bytes. `Display` uses binary units (`512 MiB`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Bytes(pub u64);
+
+impl Bytes {
+    /// `n` mebibytes.
+    pub const fn mib(n: u64) -> Self {
+        Self(n * 1024 * 1024)
+    }
+}
+
+impl fmt::Display for Bytes {
+    /// Whole amounts in the largest exact unit (`512 MiB`), others with one
+    /// decimal in the largest unit below them (`23.6 GiB`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut unit = 0;
+        let mut scaled = self.0;
+        while scaled >= 1024 && unit + 1 < UNITS.len() {
+            scaled /= 1024;
+            unit += 1;
+        }
+        let exact = self.0 % (1u64 << (10 * unit)) == 0;
+        if exact {
+            return write!(f, "{scaled} {}", UNITS[unit]);
+        }
+        #[allow(clippy::cast_precision_loss)] // one decimal for display
+        let value = self.0 as f64 / (1u64 << (10 * unit)) as f64;
+        write!(f, "{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Identifies an operation (a change in progress or recently finished).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OperationId(pub u64);
+
+impl fmt::Display for OperationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "op-{}", self.0)
+    }
+}
+
+/// What a client may do. Ordered: each role includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Host facts, inventory, VM info, operations, watch.
+    Reader,
+    /// Reader, plus start, shutdown, restart, pause and resume.
+    Operator,
+    /// Operator, plus resize and forced shutdown.
+    Admin,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Reader => "reader",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        })
+    }
+}
+
+/// The hypervisor that runs a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Hypervisor {
+    /// QEMU, controlled over QMP.
+    Qemu,
+    /// cloud-hypervisor, controlled over its HTTP API socket.
+    CloudHypervisor,
+    /// crosvm.
+    Crosvm,
+    /// Firecracker.
+    Firecracker,
+    /// Any other hypervisor, by the name the host declares.
+    Other(String),
+}
+
+impl fmt::Display for Hypervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Qemu => "qemu",
+            Self::CloudHypervisor => "cloud-hypervisor",
+            Self::Crosvm => "crosvm",
+            Self::Firecracker => "firecracker",
+            Self::Other(name) => name,
+        })
+    }
+}
+
+/// The state of a VM, combined from systemd and the hypervisor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmState {
+    /// The unit is active and the guest runs.
+    Running,
+    /// The hypervisor has stopped the guest's vCPUs.
+    Paused,
+    /// The unit is inactive.
+    Stopped,
+    /// The unit is activating.
+    Starting,
+    /// The unit is deactivating.
+    Stopping,
+    /// The unit failed.
+    Failed,
+    /// The host cannot tell (for example the bus or control socket is down).
+    Unknown,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Stopping => "stopping",
+            Self::Failed => "failed",
+            Self::Unknown => "unknown",
+        })
+    }
+}
+
+/// The kind of change an operation makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OperationKind {
+    /// Start the VM's unit.
+    Start,
+    /// Graceful (or forced) shutdown.
+    Shutdown,
+    /// Restart the VM's unit.
+    Restart,
+    /// Pause the guest's vCPUs.
+    Pause,
+    /// Resume a paused guest.
+    Resume,
+    /// Change vCPUs and/or memory of a running guest.
+    Resize,
+}
+
+impl fmt::Display for OperationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Start => "start",
+            Self::Shutdown => "shutdown",
+            Self::Restart => "restart",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Resize => "resize",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_name_rules() {
+        assert!(VmName::new("gui-vm").is_ok());
+        assert!(VmName::new("net_vm.2").is_ok());
+        assert_eq!(VmName::new(""), Err(VmNameError::Empty));
+        assert_eq!(VmName::new("a/b"), Err(VmNameError::BadChar('/')));
+        assert_eq!(VmName::new("../x"), Err(VmNameError::BadChar('/')));
+        assert_eq!(VmName::new(".hidden"), Err(VmNameError::BadStart));
+        assert_eq!(VmName::new("-x"), Err(VmNameError::BadStart));
+        assert_eq!(VmName::new("x".repeat(65)), Err(VmNameError::TooLong));
+        assert!(VmName::new("x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn bytes_display() {
+        assert_eq!(Bytes(0).to_string(), "0 B");
+        assert_eq!(Bytes(1000).to_string(), "1000 B");
+        assert_eq!(Bytes(1536).to_string(), "1.5 KiB");
+        assert_eq!(Bytes(24_731_708 * 1024).to_string(), "23.6 GiB");
+        assert_eq!(Bytes::mib(512).to_string(), "512 MiB");
+        assert_eq!(Bytes::mib(2048).to_string(), "2 GiB");
+        assert_eq!(Bytes(1536 * 1024 * 1024 + 1).to_string(), "1.5 GiB");
+    }
+
+    #[test]
+    fn role_order() {
+        assert!(Role::Reader < Role::Operator && Role::Operator < Role::Admin);
+    }
+}
