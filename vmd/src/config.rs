@@ -1,0 +1,570 @@
+//! Daemon configuration: the TOML file, its validation, and defaults.
+//!
+//! 1. [`ConfigFile`] is the file as written (every key optional, unknown
+//!    keys rejected so a typo is an error that names the key).
+//! 2. [`Config::from_file`] validates it into a [`Config`]: every value in
+//!    range, every error naming its key (`limits.max_connections: …`).
+//! 3. The CLI may then override single fields of the `Config` (see `cli`).
+//!
+//! ```toml
+//! [listen]
+//! tcp = ["127.0.0.1:9876", "[::1]:9876"]   # [] turns TCP off
+//!
+//! [listen.vsock]
+//! enable = true
+//! port = 9876
+//! required = false    # true: fail to start when AF_VSOCK cannot be bound
+//!
+//! [tls]
+//! ca = "/var/lib/vmd/pki/ca.pem"
+//! cert = "/var/lib/vmd/pki/server.pem"
+//! key = "/var/lib/vmd/pki/server.key"
+//!
+//! [limits]
+//! max_connections = 256
+//! max_in_flight = 32
+//! max_request_frame = 65536
+//! handshake_timeout_secs = 10
+//! idle_timeout_secs = 300
+//! write_timeout_secs = 10
+//! shutdown_grace_secs = 10
+//!
+//! [log]
+//! format = "plain"    # or "json"
+//! level = "info"      # a tracing filter, e.g. "info,vmd=debug"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use vmd_proto::frame::MAX_REQUEST_FRAME;
+
+/// Where the config file is read from when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmd/vmd.toml";
+
+/// Where the production PKI lives.
+pub const DEFAULT_PKI_DIR: &str = "/var/lib/vmd/pki";
+
+/// A config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (the message names the key).
+    #[error("config file {}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line, column and key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `limits.max_connections`.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The config file as written. All keys are optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// `[listen]`
+    #[serde(default)]
+    pub listen: ListenFile,
+    /// `[tls]`
+    #[serde(default)]
+    pub tls: TlsFile,
+    /// `[limits]`
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// `[log]`
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+/// `[listen]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenFile {
+    /// TCP addresses to listen on.
+    pub tcp: Option<Vec<SocketAddr>>,
+    /// `[listen.vsock]`
+    #[serde(default)]
+    pub vsock: VsockFile,
+}
+
+/// `[listen.vsock]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockFile {
+    /// Listen on AF_VSOCK at all.
+    pub enable: Option<bool>,
+    /// The vsock port.
+    pub port: Option<u32>,
+    /// Fail to start if AF_VSOCK cannot be bound.
+    pub required: Option<bool>,
+}
+
+/// `[tls]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// CA certificate(s) that client certificates must chain to.
+    pub ca: Option<PathBuf>,
+    /// The server certificate chain.
+    pub cert: Option<PathBuf>,
+    /// The server private key.
+    pub key: Option<PathBuf>,
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Concurrent connections, all listeners together.
+    pub max_connections: Option<usize>,
+    /// Requests in progress per connection.
+    pub max_in_flight: Option<usize>,
+    /// Largest request frame body, in bytes.
+    pub max_request_frame: Option<u32>,
+    /// TLS handshake plus `Hello`, in seconds.
+    pub handshake_timeout_secs: Option<u64>,
+    /// Close a connection with nothing in flight after this many seconds.
+    pub idle_timeout_secs: Option<u64>,
+    /// Longest time one response may take to write.
+    pub write_timeout_secs: Option<u64>,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    /// `plain` or `json`.
+    pub format: Option<LogFormat>,
+    /// A `tracing` filter directive.
+    pub level: Option<String>,
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (no colours or timestamps under
+    /// journald, which adds its own).
+    #[default]
+    Plain,
+    /// One JSON object per event.
+    Json,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// TCP listen addresses (may be empty).
+    pub tcp: Vec<SocketAddr>,
+    /// The AF_VSOCK listener, if enabled.
+    pub vsock: Option<VsockConfig>,
+    /// TLS material.
+    pub tls: TlsPaths,
+    /// Resource limits and timeouts.
+    pub limits: Limits,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// The AF_VSOCK listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Port (`u32::MAX` lets the kernel choose).
+    pub port: u32,
+    /// Fail to start when the listener cannot be bound.
+    pub required: bool,
+}
+
+/// TLS material on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// CA certificate(s) for client verification.
+    pub ca: PathBuf,
+    /// Server certificate chain.
+    pub cert: PathBuf,
+    /// Server private key.
+    pub key: PathBuf,
+}
+
+impl TlsPaths {
+    /// The standard file names inside a PKI directory made by `vmd pki`.
+    pub fn in_pki_dir(dir: &Path) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+}
+
+/// Resource limits and timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Concurrent connections, all listeners together.
+    pub max_connections: usize,
+    /// Requests in progress per connection; further requests wait unread.
+    pub max_in_flight: usize,
+    /// Largest request frame body.
+    pub max_request_frame: u32,
+    /// TLS handshake plus `Hello`.
+    pub handshake_timeout: Duration,
+    /// Idle connections (nothing in flight) are closed after this.
+    pub idle_timeout: Duration,
+    /// Longest time one response may take to write (slow readers).
+    pub write_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_in_flight: 32,
+            max_request_frame: MAX_REQUEST_FRAME,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Logging settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Line format.
+    pub format: LogFormat,
+    /// A `tracing` filter directive.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Plain,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    /// Loopback TCP and vsock on the default port, the production PKI.
+    fn default() -> Self {
+        Self {
+            tcp: vec![SocketAddr::from(([127, 0, 0, 1], vmd_proto::DEFAULT_PORT))],
+            vsock: Some(VsockConfig {
+                port: u32::from(vmd_proto::DEFAULT_PORT),
+                required: false,
+            }),
+            tls: TlsPaths::in_pki_dir(Path::new(DEFAULT_PKI_DIR)),
+            limits: Limits::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, or the key, that is wrong.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates config text; `path` is only used in messages.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Self::from_file(file)
+    }
+
+    /// Validates a parsed file, filling defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn from_file(file: ConfigFile) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let vsock_enabled = file.listen.vsock.enable.unwrap_or(true);
+        let vsock = if vsock_enabled {
+            let port = file
+                .listen
+                .vsock
+                .port
+                .unwrap_or(u32::from(vmd_proto::DEFAULT_PORT));
+            if port == 0 {
+                return Err(invalid("listen.vsock.port", "must not be 0"));
+            }
+            Some(VsockConfig {
+                port,
+                required: file.listen.vsock.required.unwrap_or(false),
+            })
+        } else {
+            if file.listen.vsock.required == Some(true) {
+                return Err(invalid(
+                    "listen.vsock.required",
+                    "cannot be true when listen.vsock.enable is false",
+                ));
+            }
+            None
+        };
+        let tls = TlsPaths {
+            ca: file.tls.ca.unwrap_or(defaults.tls.ca),
+            cert: file.tls.cert.unwrap_or(defaults.tls.cert),
+            key: file.tls.key.unwrap_or(defaults.tls.key),
+        };
+        let d = Limits::default();
+        let l = file.limits;
+        let limits = Limits {
+            max_connections: in_range(
+                "limits.max_connections",
+                l.max_connections.unwrap_or(d.max_connections),
+                1,
+                1 << 20,
+            )?,
+            max_in_flight: in_range(
+                "limits.max_in_flight",
+                l.max_in_flight.unwrap_or(d.max_in_flight),
+                1,
+                4096,
+            )?,
+            max_request_frame: in_range(
+                "limits.max_request_frame",
+                l.max_request_frame.unwrap_or(d.max_request_frame),
+                1024,
+                MAX_REQUEST_FRAME,
+            )?,
+            handshake_timeout: secs(
+                "limits.handshake_timeout_secs",
+                l.handshake_timeout_secs,
+                d.handshake_timeout,
+            )?,
+            idle_timeout: secs(
+                "limits.idle_timeout_secs",
+                l.idle_timeout_secs,
+                d.idle_timeout,
+            )?,
+            write_timeout: secs(
+                "limits.write_timeout_secs",
+                l.write_timeout_secs,
+                d.write_timeout,
+            )?,
+            shutdown_grace: secs(
+                "limits.shutdown_grace_secs",
+                l.shutdown_grace_secs,
+                d.shutdown_grace,
+            )?,
+        };
+        let log = LogConfig {
+            format: file.log.format.unwrap_or_default(),
+            level: file.log.level.unwrap_or(defaults.log.level),
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+            return Err(invalid("log.level", e.to_string()));
+        }
+        Ok(Self {
+            tcp: file.listen.tcp.unwrap_or(defaults.tcp),
+            vsock,
+            tls,
+            limits,
+            log,
+        })
+    }
+
+    /// The development configuration: loopback TCP on the default port,
+    /// vsock where present, the PKI in `dev_dir/pki`.
+    pub fn dev(dev_dir: &Path) -> Self {
+        Self {
+            tls: TlsPaths::in_pki_dir(&dev_dir.join("pki")),
+            ..Self::default()
+        }
+    }
+
+    /// Checks that at least one listener is configured.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when neither TCP nor vsock is enabled.
+    pub fn check_listeners(&self) -> Result<(), ConfigError> {
+        if self.tcp.is_empty() && self.vsock.is_none() {
+            return Err(invalid(
+                "listen",
+                "no listener: set listen.tcp or enable listen.vsock",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    key: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!("{value} is out of range ({min} to {max})"),
+        ));
+    }
+    Ok(value)
+}
+
+fn secs(key: &'static str, value: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => Ok(Duration::from_secs(in_range(key, v, 1, 86_400)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = parse("").expect("empty config is valid");
+        assert_eq!(config.tcp, Config::default().tcp);
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(
+            config.vsock,
+            Some(VsockConfig {
+                port: 9876,
+                required: false
+            })
+        );
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let config = parse(
+            r#"
+            [listen]
+            tcp = ["0.0.0.0:7000", "[::1]:7001"]
+            [listen.vsock]
+            enable = true
+            port = 5000
+            required = true
+            [tls]
+            ca = "/x/ca.pem"
+            cert = "/x/s.pem"
+            key = "/x/s.key"
+            [limits]
+            max_connections = 10
+            idle_timeout_secs = 60
+            [log]
+            format = "json"
+            level = "debug"
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(config.tcp.len(), 2);
+        assert!(config.tcp[1].is_ipv6());
+        assert_eq!(
+            config.vsock,
+            Some(VsockConfig {
+                port: 5000,
+                required: true
+            })
+        );
+        assert_eq!(config.tls.key, PathBuf::from("/x/s.key"));
+        assert_eq!(config.limits.max_connections, 10);
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[limits]\nmax_conections = 3\n")
+            .expect_err("typo must fail")
+            .to_string();
+        assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn bad_type_is_named() {
+        let err = parse("[listen]\ntcp = [\"not an address\"]\n")
+            .expect_err("bad address must fail")
+            .to_string();
+        assert!(err.contains("tcp"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_names_the_key() {
+        let err = parse("[limits]\nmax_connections = 0\n").expect_err("0 must fail");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "limits.max_connections",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = parse("[limits]\nmax_request_frame = 100000000\n").expect_err("too big");
+        assert!(
+            err.to_string().starts_with("limits.max_request_frame:"),
+            "{err}"
+        );
+        let err = parse("[log]\nlevel = \"info,=[\"\n").expect_err("bad filter");
+        assert!(err.to_string().starts_with("log.level:"), "{err}");
+    }
+
+    #[test]
+    fn vsock_required_needs_enable() {
+        let err = parse("[listen.vsock]\nenable = false\nrequired = true\n").expect_err("conflict");
+        assert!(
+            err.to_string().starts_with("listen.vsock.required:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_listener_is_an_error() {
+        let config = parse("[listen]\ntcp = []\n[listen.vsock]\nenable = false\n").expect("parses");
+        assert!(config.check_listeners().is_err());
+    }
+}

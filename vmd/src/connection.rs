@@ -1,0 +1,314 @@
+//! One client connection, generic over the transport stream.
+//!
+//! 1. TLS handshake (TLS 1.3, client certificate required) within the
+//!    handshake timeout; a failed or slow handshake just closes.
+//! 2. The verified certificate names the peer ([`PeerIdentity`]); peer and
+//!    identity go on the connection's tracing span, which every request
+//!    span nests in.
+//! 3. `Hello` → `Welcome`, also within the handshake timeout. A wrong
+//!    protocol version or an unreadable `Hello` gets an error reply, then
+//!    the connection closes.
+//! 4. Requests are read and handled concurrently (pipelining), at most
+//!    `max_in_flight` at a time; responses go out as they finish, each
+//!    carrying its request id. A framed-but-undecodable request gets a
+//!    `Malformed` reply and the connection goes on; an oversized length
+//!    prefix gets a `Malformed` reply and closes (the stream is no longer
+//!    in sync).
+//! 5. The connection closes when the peer closes, when it has been idle
+//!    (nothing in flight) for the idle timeout, when a response cannot be
+//!    written within the write timeout, or at shutdown — after in-flight
+//!    requests have been answered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+use vmd_proto::codec::FrameCodec;
+use vmd_proto::frame::{FrameError, MAX_REPLY_FRAME, peek_request_id};
+use vmd_proto::{
+    ErrorReply, Hello, HelloReply, PROTOCOL_VERSION, Request, Response, Role, Welcome,
+};
+
+use crate::config::Limits;
+use crate::handler::Handler;
+use crate::tls::PeerIdentity;
+use crate::transport::PeerAddr;
+
+/// What the server knows about an authenticated client.
+#[derive(Debug)]
+pub struct Session {
+    /// The verified certificate identity.
+    pub identity: PeerIdentity,
+    /// The transport peer.
+    pub peer: PeerAddr,
+    /// The client's role, `None` for no rights.
+    pub role: Option<Role>,
+}
+
+/// Shared by every connection of one server.
+pub(crate) struct ConnectionContext {
+    pub(crate) tls: TlsAcceptor,
+    pub(crate) handler: Arc<Handler>,
+    pub(crate) limits: Limits,
+}
+
+impl std::fmt::Debug for ConnectionContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionContext")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves one accepted connection to the end. Never panics on peer input.
+pub(crate) async fn serve<S>(
+    stream: S,
+    peer: PeerAddr,
+    ctx: Arc<ConnectionContext>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = ctx.limits;
+    let tls = match timeout(limits.handshake_timeout, ctx.tls.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = match PeerIdentity::from_connection(tls.get_ref().1) {
+        Ok(identity) => identity,
+        Err(e) => {
+            warn!(%peer, error = %e, "refusing peer without a usable identity");
+            return;
+        }
+    };
+    let span = info_span!("conn", %peer, identity = %identity.name);
+    // Until the policy engine exists every authenticated client may read.
+    let session = Arc::new(Session {
+        identity,
+        peer,
+        role: Some(Role::Reader),
+    });
+    async move {
+        let codec = FrameCodec::<Hello, HelloReply>::new(limits.max_request_frame, MAX_REPLY_FRAME);
+        let mut framed = Framed::new(tls, codec);
+        if greet(&mut framed, &session, &limits).await {
+            let framed = framed.map_codec(FrameCodec::retype::<Request, Response>);
+            serve_requests(framed, &session, &ctx, &shutdown).await;
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Reads `Hello` and answers it. Returns whether the session may go on.
+async fn greet<T>(
+    framed: &mut Framed<T, FrameCodec<Hello, HelloReply>>,
+    session: &Session,
+    limits: &Limits,
+) -> bool
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let reply: HelloReply = match timeout(limits.handshake_timeout, framed.next()).await {
+        Err(_) => {
+            info!("no Hello within the handshake timeout");
+            return false;
+        }
+        Ok(None) => {
+            debug!("closed before Hello");
+            return false;
+        }
+        Ok(Some(Err(e))) => Err(frame_error(&e)),
+        Ok(Some(Ok(Err(undecodable)))) => Err(ErrorReply::Malformed {
+            reason: format!("expected Hello: {}", undecodable.error),
+        }),
+        Ok(Some(Ok(Ok(hello)))) if hello.protocol != PROTOCOL_VERSION => {
+            Err(ErrorReply::VersionMismatch {
+                client: hello.protocol,
+                server: PROTOCOL_VERSION,
+            })
+        }
+        Ok(Some(Ok(Ok(hello)))) => {
+            info!(client = %hello.client_name.escape_debug(), "session started");
+            Ok(Welcome {
+                protocol: PROTOCOL_VERSION,
+                server_version: env!("CARGO_PKG_VERSION").to_owned(),
+                identity: session.identity.name.clone(),
+                role: session.role,
+            })
+        }
+    };
+    let accepted = reply.is_ok();
+    if let Err(e) = &reply {
+        info!(error = %e, "session refused");
+    }
+    if let Err(e) = send(framed, &reply, limits.write_timeout).await {
+        debug!(error = %e, "cannot send Hello reply");
+        return false;
+    }
+    if !accepted {
+        close(framed, limits.write_timeout).await;
+    }
+    accepted
+}
+
+/// The request loop (step 4 and 5 of the module docs).
+async fn serve_requests<T>(
+    mut framed: Framed<T, FrameCodec<Request, Response>>,
+    session: &Arc<Session>,
+    ctx: &ConnectionContext,
+    shutdown: &CancellationToken,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &ctx.limits;
+    let mut in_flight = FuturesUnordered::new();
+    let mut reading = true;
+    let idle = sleep_until(Instant::now() + limits.idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        if !reading && in_flight.is_empty() {
+            break;
+        }
+        let can_read = reading && in_flight.len() < limits.max_in_flight;
+        tokio::select! {
+            Some(response) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(e) = send(&mut framed, &response, limits.write_timeout).await {
+                    warn!(error = %e, "cannot send response; closing");
+                    return;
+                }
+                idle.as_mut().reset(Instant::now() + limits.idle_timeout);
+            }
+            frame = framed.next(), if can_read => {
+                idle.as_mut().reset(Instant::now() + limits.idle_timeout);
+                match frame {
+                    None => {
+                        debug!("peer closed");
+                        reading = false;
+                    }
+                    Some(Ok(Ok(request))) => {
+                        in_flight.push(ctx.handler.clone().handle(session.clone(), request));
+                    }
+                    Some(Ok(Err(undecodable))) => {
+                        let id = peek_request_id(&undecodable.body).unwrap_or(0);
+                        info!(id, error = %undecodable.error, "undecodable request");
+                        let response = Response {
+                            id,
+                            result: Err(ErrorReply::Malformed {
+                                reason: format!(
+                                    "undecodable request (unknown operation or invalid field): {}",
+                                    undecodable.error
+                                ),
+                            }),
+                        };
+                        if send(&mut framed, &response, limits.write_timeout).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(FrameError::Io(e))) => {
+                        debug!(error = %e, "connection lost");
+                        reading = false;
+                    }
+                    Some(Err(e)) => {
+                        info!(error = %e, "unreadable frame; closing");
+                        {
+                            let response = Response { id: 0, result: Err(frame_error(&e)) };
+                            // The peer may already be gone; nothing more to do then.
+                            let _ = send(&mut framed, &response, limits.write_timeout).await;
+                        }
+                        reading = false;
+                    }
+                }
+            }
+            () = shutdown.cancelled(), if reading => {
+                debug!("shutting down: answering requests in flight");
+                reading = false;
+            }
+            () = &mut idle, if in_flight.is_empty() => {
+                info!(timeout = ?limits.idle_timeout, "idle timeout; closing");
+                reading = false;
+            }
+        }
+    }
+    close(&mut framed, limits.write_timeout).await;
+    debug!("connection closed");
+}
+
+/// The wire error for a framing failure.
+fn frame_error(e: &FrameError) -> ErrorReply {
+    ErrorReply::Malformed {
+        reason: e.to_string(),
+    }
+}
+
+/// Writes one frame within `limit`. A reply too large for the frame limit
+/// is replaced by `Internal` (the reply was built, so it is our fault).
+async fn send<T, M, In>(
+    framed: &mut Framed<T, FrameCodec<In, M>>,
+    msg: &M,
+    limit: Duration,
+) -> Result<(), FrameError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    M: serde::Serialize + Replaceable,
+{
+    let write = async {
+        match framed.send(msg).await {
+            Err(FrameError::TooLarge { len, max }) => {
+                tracing::error!(len, max, "reply exceeds the frame limit");
+                framed.send(&msg.internal_error()).await
+            }
+            other => other,
+        }
+    };
+    timeout(limit, write).await.unwrap_or_else(|_| {
+        Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "write timed out",
+        )))
+    })
+}
+
+/// Sends TLS close_notify and shuts the transport down, within `limit`.
+async fn close<T, C>(framed: &mut Framed<T, C>, limit: Duration)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let _ = timeout(limit, framed.get_mut().shutdown()).await;
+}
+
+/// A server message that can be swapped for an `Internal` error of the
+/// same shape when it cannot be sent.
+trait Replaceable: Sized {
+    fn internal_error(&self) -> Self;
+}
+
+impl Replaceable for Response {
+    fn internal_error(&self) -> Self {
+        Response {
+            id: self.id,
+            result: Err(ErrorReply::Internal),
+        }
+    }
+}
+
+impl Replaceable for HelloReply {
+    fn internal_error(&self) -> Self {
+        Err(ErrorReply::Internal)
+    }
+}

@@ -1,0 +1,34 @@
+//! vmd: the VM information-and-control daemon of a Ghaf KVM host.
+//!
+//! Clients (the GUI VM's panel over AF_VSOCK, admins over TCP) connect over
+//! TLS 1.3 with a mandatory client certificate, speak the `vmd-proto`
+//! protocol, and get host facts and VM information on request.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the `vmd` command line; flags override the config file.
+//! - [`config`]: the TOML config file, validation, defaults.
+//! - [`server`]: binds listeners, accept loops, connection cap, shutdown.
+//! - [`transport`]: TCP and AF_VSOCK listeners behind one trait; peers.
+//! - [`tls`]: the rustls server config and peer identity from certificates.
+//! - [`connection`]: one connection: handshake, `Hello`, pipelined requests.
+//! - [`handler`]: the routing `match` from request to answer; error mapping.
+//! - [`host`]: the host probe (KVM via `kvm-ioctls`, `/proc`).
+//! - [`pki`]: the CA and certificates (`vmd pki …`), rcgen.
+//! - [`logging`]: `tracing` output, plain or JSON.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod handler;
+pub mod host;
+pub mod logging;
+pub mod pki;
+pub mod server;
+pub mod tls;
+pub mod transport;
+
+pub use config::Config;
+pub use server::{Server, ServerError, run};

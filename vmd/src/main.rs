@@ -1,0 +1,97 @@
+//! The `vmd` binary: parse arguments, build a validated config, run.
+
+#![forbid(unsafe_code)]
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{info, warn};
+use vmd::cli::{Cli, Command, Serve, ServeArgs};
+use vmd::pki::{self, EnsureSpec, PkiLayout};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Pki(cmd) => pki::run_command(cmd).map_err(Into::into),
+        Command::CheckConfig(args) => check_config(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmd: {}", chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
+    let Serve {
+        config,
+        dev_pki_dir,
+    } = Serve::try_from(args)?;
+    vmd::logging::init(&config.log);
+    if let Some(dir) = dev_pki_dir {
+        let report = pki::ensure(&PkiLayout::new(&dir), &EnsureSpec::dev())?;
+        if !report.created.is_empty() {
+            info!(dir = %dir.display(), "created the development PKI");
+        }
+        warn!(
+            "development mode: certificates under {} are for testing only",
+            dir.display()
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(vmd::run(&config, shutdown_signal()))?;
+    Ok(())
+}
+
+fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
+    let Serve { config, .. } = Serve::try_from(args)?;
+    vmd::tls::server_config(&config.tls)?;
+    println!("configuration is valid");
+    for addr in &config.tcp {
+        println!("  listen tcp://{addr}");
+    }
+    if let Some(vsock) = config.vsock {
+        println!("  listen vsock://any:{}", vsock.port);
+    }
+    println!("  ca   {}", config.tls.ca.display());
+    println!("  cert {}", config.tls.cert.display());
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            }
+        }
+        _ => {
+            warn!("cannot install signal handlers; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `error: cause: cause`, each message once.
+fn chain(err: &dyn Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}

@@ -1,0 +1,224 @@
+//! The server: binds listeners, accepts connections, shuts down gracefully.
+//!
+//! 1. [`Server::bind`] loads TLS, binds every configured TCP address and
+//!    the AF_VSOCK listener (a host without vsock logs it and carries on
+//!    with TCP, unless vsock is `required`).
+//! 2. [`Server::run`] runs one accept loop per listener. A loop takes a
+//!    connection permit *before* accepting (the connection cap pushes back
+//!    into the kernel backlog), backs off on accept errors (e.g. `EMFILE`),
+//!    and spawns the connection on a task tracker.
+//! 3. When `shutdown` resolves, the loops stop accepting, connections stop
+//!    reading new requests and answer the ones in flight, and `run` waits
+//!    for them up to the shutdown grace period.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::connection::{self, ConnectionContext};
+use crate::handler::Handler;
+use crate::host::HostProbe;
+use crate::tls::{self, TlsError};
+use crate::transport::{self, ListenAddr, Listener};
+
+/// Longest pause after repeated accept errors.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A bound listener of either kind.
+#[derive(Debug)]
+enum AnyListener {
+    Tcp(tokio::net::TcpListener),
+    Vsock(tokio_vsock::VsockListener),
+}
+
+/// A server with its listeners bound, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    listeners: Vec<AnyListener>,
+    addrs: Vec<ListenAddr>,
+    ctx: Arc<ConnectionContext>,
+}
+
+impl Server {
+    /// Loads TLS and binds every configured listener.
+    ///
+    /// # Errors
+    /// [`ServerError`] if TLS material is unusable, no listener is
+    /// configured, or a TCP (or required vsock) listener cannot be bound.
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        config.check_listeners()?;
+        let tls = TlsAcceptor::from(tls::server_config(&config.tls)?);
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for &addr in &config.tcp {
+            let listener = transport::bind_tcp(addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: format!("tcp://{addr}"),
+                    source,
+                })?;
+            addrs.push(
+                Listener::local_addr(&listener).map_err(|source| ServerError::Bind {
+                    addr: format!("tcp://{addr}"),
+                    source,
+                })?,
+            );
+            listeners.push(AnyListener::Tcp(listener));
+        }
+        if let Some(vsock) = config.vsock {
+            let bound = transport::bind_vsock(vsock.port)
+                .and_then(|l| Listener::local_addr(&l).map(|addr| (l, addr)));
+            match bound {
+                Ok((listener, addr)) => {
+                    addrs.push(addr);
+                    listeners.push(AnyListener::Vsock(listener));
+                }
+                Err(source) if vsock.required => {
+                    return Err(ServerError::Bind {
+                        addr: format!("vsock://any:{}", vsock.port),
+                        source,
+                    });
+                }
+                Err(e) => {
+                    warn!(port = vsock.port, error = %e, "AF_VSOCK unavailable on this host; serving without it");
+                }
+            }
+        }
+        if listeners.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                reason: "no listener could be bound".into(),
+            }
+            .into());
+        }
+        let handler = Arc::new(Handler::new(HostProbe::new(Instant::now())));
+        Ok(Self {
+            listeners,
+            addrs,
+            ctx: Arc::new(ConnectionContext {
+                tls,
+                handler,
+                limits: config.limits,
+            }),
+        })
+    }
+
+    /// The bound addresses (with kernel-chosen ports filled in).
+    pub fn local_addrs(&self) -> &[ListenAddr] {
+        &self.addrs
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see module docs).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(self.ctx.limits.max_connections));
+        let mut loops = tokio::task::JoinSet::new();
+        for (listener, addr) in self.listeners.into_iter().zip(self.addrs) {
+            info!(%addr, "listening");
+            let (ctx, cancel, tracker, permits) = (
+                self.ctx.clone(),
+                cancel.clone(),
+                tracker.clone(),
+                permits.clone(),
+            );
+            match listener {
+                AnyListener::Tcp(l) => loops.spawn(accept_loop(l, ctx, permits, tracker, cancel)),
+                AnyListener::Vsock(l) => loops.spawn(accept_loop(l, ctx, permits, tracker, cancel)),
+            };
+        }
+        shutdown.await;
+        info!("shutting down");
+        cancel.cancel();
+        while loops.join_next().await.is_some() {}
+        tracker.close();
+        let grace = self.ctx.limits.shutdown_grace;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                connections = tracker.len(),
+                ?grace,
+                "shutdown grace period over; dropping remaining connections"
+            );
+        }
+        info!("stopped");
+    }
+}
+
+/// Accepts connections from one listener until cancelled.
+async fn accept_loop<L: Listener>(
+    listener: L,
+    ctx: Arc<ConnectionContext>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return, // the semaphore is never closed
+            },
+            () = cancel.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = cancel.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                let (ctx, cancel) = (ctx.clone(), cancel.clone());
+                tracker.spawn(async move {
+                    connection::serve(stream, peer, ctx, cancel).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                error!(error = %e, ?backoff, "accept failed; backing off");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = cancel.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Binds and serves `config` until `shutdown` resolves.
+///
+/// # Errors
+/// As [`Server::bind`].
+pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    Server::bind(config).await?.run(shutdown).await;
+    Ok(())
+}
