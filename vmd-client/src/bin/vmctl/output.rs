@@ -1,0 +1,224 @@
+//! Human-readable tables and `--json` output.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+use vmd_proto::{HostInfo, Virtualization, VmInfo};
+
+/// JSON if asked, else the human form.
+pub(crate) fn render<T: Serialize + ?Sized>(
+    json: bool,
+    value: &T,
+    human: impl Fn(&T) -> String,
+) -> Result<String, serde_json::Error> {
+    if json {
+        serde_json::to_string_pretty(value)
+    } else {
+        Ok(human(value).trim_end().to_owned())
+    }
+}
+
+/// `key  value` lines with aligned values.
+fn pairs(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (key, value) in rows {
+        let _ = writeln!(out, "{key:width$}  {value}");
+    }
+    out
+}
+
+fn or_dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+/// `vmctl host`.
+pub(crate) fn host(host: &HostInfo) -> String {
+    let cpu = &host.cpu;
+    let mut rows = vec![
+        ("Host", host.hostname.clone()),
+        ("Kernel", host.kernel.clone()),
+        (
+            "vmd",
+            format!(
+                "{} (up {})",
+                host.vmd_version,
+                duration(host.vmd_uptime_secs)
+            ),
+        ),
+        ("Uptime", duration(host.uptime_secs)),
+        (
+            "CPU",
+            format!(
+                "{} logical, {}{}",
+                cpu.logical_cpus,
+                cpu.model
+                    .as_deref()
+                    .or(cpu.vendor.as_deref())
+                    .unwrap_or("unknown model"),
+                cpu.virt_flag.map_or(String::new(), |f| format!(
+                    ", {}",
+                    format!("{f:?}").to_lowercase()
+                ))
+            ),
+        ),
+        (
+            "Memory",
+            format!(
+                "{} total, {} available",
+                host.memory.total, host.memory.available
+            ),
+        ),
+    ];
+    match &host.virtualization {
+        Virtualization::Available(kvm) => {
+            rows.push((
+                "KVM",
+                format!(
+                    "available (API {}), {} recommended / {} max vCPUs, {} memslots",
+                    kvm.api_version, kvm.recommended_vcpus, kvm.max_vcpus, kvm.max_memslots
+                ),
+            ));
+            let (yes, no): (Vec<_>, Vec<_>) = kvm.capabilities.iter().partition(|c| c.supported);
+            let names = |caps: Vec<&vmd_proto::KvmCapability>| {
+                caps.iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            rows.push(("Capabilities", names(yes)));
+            if !no.is_empty() {
+                rows.push(("Missing", names(no)));
+            }
+        }
+        Virtualization::Unavailable { reason } => {
+            rows.push(("KVM", format!("unavailable: {reason}")));
+        }
+    }
+    pairs(&rows)
+}
+
+/// `vmctl list`.
+pub(crate) fn vm_table(vms: &[VmInfo]) -> String {
+    if vms.is_empty() {
+        return "no VMs".to_owned();
+    }
+    let header = [
+        "NAME",
+        "STATE",
+        "VCPUS",
+        "MEMORY",
+        "CID",
+        "HYPERVISOR",
+        "AUTOSTART",
+    ];
+    let rows: Vec<[String; 7]> = vms
+        .iter()
+        .map(|vm| {
+            [
+                vm.name.to_string(),
+                vm.state.to_string(),
+                or_dash(vm.vcpus.current.or(vm.vcpus.declared)),
+                or_dash(vm.memory.current.or(vm.memory.declared)),
+                or_dash(vm.vsock_cid),
+                or_dash(vm.hypervisor.as_ref()),
+                or_dash(vm.autostart.map(|a| if a { "yes" } else { "no" })),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let cells: Vec<String> = cells.zip(widths).map(|(c, w)| format!("{c:w$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    };
+    line(&mut header.iter().copied());
+    for row in &rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// `vmctl info VM`.
+pub(crate) fn vm_details(vm: &VmInfo) -> String {
+    let counts = |declared: Option<String>, current: Option<String>, max: Option<String>| {
+        format!(
+            "{} now, {} declared, {} max",
+            or_dash(current),
+            or_dash(declared),
+            or_dash(max)
+        )
+    };
+    let rows = vec![
+        ("Name", vm.name.to_string()),
+        ("Description", or_dash(vm.description.as_ref())),
+        ("State", vm.state.to_string()),
+        ("Hypervisor", or_dash(vm.hypervisor.as_ref())),
+        ("Autostart", or_dash(vm.autostart)),
+        ("Protected", vm.protected.to_string()),
+        ("vsock CID", or_dash(vm.vsock_cid)),
+        (
+            "vCPUs",
+            counts(
+                vm.vcpus.declared.map(|v| v.to_string()),
+                vm.vcpus.current.map(|v| v.to_string()),
+                vm.vcpus.max.map(|v| v.to_string()),
+            ),
+        ),
+        (
+            "Memory",
+            counts(
+                vm.memory.declared.map(|v| v.to_string()),
+                vm.memory.current.map(|v| v.to_string()),
+                vm.memory.max.map(|v| v.to_string()),
+            ),
+        ),
+        ("Balloon", or_dash(vm.memory.balloon_actual)),
+        ("PID", or_dash(vm.pid)),
+        ("Uptime", or_dash(vm.uptime_secs.map(duration))),
+        ("cgroup memory", or_dash(vm.cgroup_memory)),
+        (
+            "CPU time",
+            or_dash(vm.cpu_time_ns.map(|ns| format!("{:.2}s", ns as f64 / 1e9))),
+        ),
+        ("Tasks", or_dash(vm.tasks)),
+        (
+            "Pending",
+            or_dash(vm.pending.as_ref().map(|p| p.kind.to_string())),
+        ),
+    ];
+    pairs(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration(5), "5s");
+        assert_eq!(duration(65), "1m 5s");
+        assert_eq!(duration(3700), "1h 1m");
+        assert_eq!(duration(90_000), "1d 1h");
+    }
+
+    #[test]
+    fn empty_list_says_so() {
+        assert_eq!(vm_table(&[]), "no VMs");
+    }
+}

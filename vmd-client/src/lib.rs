@@ -1,0 +1,45 @@
+//! The vmd client library and the `vmctl` command line tool.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use vmd_client::{Client, ClientTls, Endpoint};
+//! let tls = ClientTls::from_files(
+//!     "ca.pem".as_ref(), "client.pem".as_ref(), "client.key".as_ref(), "vmd")?;
+//! let client = Client::connect(&"tcp://127.0.0.1:9876".parse()?, &tls).await?;
+//! println!("{}", client.host().await?.hostname);
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`endpoint`]: `tcp://`, `vsock://` and `auto` endpoints.
+//! - [`tls`]: client TLS configuration from PEM files.
+//! - [`client`]: the connection, its driver task and the typed calls.
+//! - [`config`]: the `client.toml` file and where it is looked up.
+//! - `src/bin/vmctl/`: the `vmctl` command line tool.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod config;
+pub mod endpoint;
+pub mod tls;
+
+pub use client::{Client, ClientError, ConnectOptions};
+pub use config::ClientConfig;
+pub use endpoint::Endpoint;
+pub use tls::ClientTls;
+pub use vmd_proto as proto;
+
+/// `error: cause: cause`, each message once; for command-line output.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
