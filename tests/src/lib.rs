@@ -7,7 +7,7 @@
 //!   test's runtime, stopped (gracefully) by [`TestServer::stop`].
 //! - [`raw_session`]: a TLS connection with no protocol logic, for feeding
 //!   the daemon bad bytes.
-//! - [`vmctl`]: the path of the `vmctl` binary built by this workspace.
+//! - [`vmd`], [`vmctl`]: the binaries built by this workspace.
 
 #![forbid(unsafe_code)]
 
@@ -268,23 +268,33 @@ pub async fn raw_session(
     TlsConnector::from(config).connect(name, tcp).await
 }
 
-/// The `vmctl` binary of this build (next to the test executable's
-/// directory; `cargo test --workspace` builds it).
+/// A binary of this workspace's build, next to the test executable's
+/// directory (`cargo test --workspace` builds `vmd` and `vmctl`).
 ///
 /// # Panics
 /// If it has not been built.
-pub fn vmctl() -> PathBuf {
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/vmctl
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let bin = exe
         .parent()
         .and_then(Path::parent)
-        .map(|dir| dir.join("vmctl"))
+        .map(|dir| dir.join(name))
         .expect("target directory");
     assert!(
         bin.is_file(),
-        "{} is missing: run the tests with `cargo test --workspace` so vmctl is built",
+        "{} is missing: run the tests with `cargo test --workspace` so it is built",
         bin.display()
     );
     bin
+}
+
+/// The `vmctl` binary.
+pub fn vmctl() -> PathBuf {
+    workspace_binary("vmctl")
+}
+
+/// The `vmd` binary.
+pub fn vmd() -> PathBuf {
+    workspace_binary("vmd")
 }

@@ -109,3 +109,89 @@ impl<In, Out: Serialize> Encoder<&Out> for FrameCodec<In, Out> {
         frame::encode_into(item, self.max_out, dst)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::MAX_REQUEST_FRAME;
+    use crate::{Hello, Op, Request};
+
+    type ServerCodec = FrameCodec<Request, Hello>;
+
+    fn request(id: u32) -> Request {
+        Request { id, body: Op::Host }
+    }
+
+    #[test]
+    fn decodes_frames_split_anywhere() {
+        let mut codec = ServerCodec::new(MAX_REQUEST_FRAME, MAX_REQUEST_FRAME);
+        let mut wire = frame::encode(&request(1), MAX_REQUEST_FRAME).expect("encodes");
+        wire.extend(frame::encode(&request(2), MAX_REQUEST_FRAME).expect("encodes"));
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for byte in wire {
+            buf.extend_from_slice(&[byte]);
+            while let Some(item) = codec.decode(&mut buf).expect("no framing error") {
+                got.push(item.expect("decodes").id);
+            }
+        }
+        assert_eq!(got, [1, 2]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversized_prefix_fails_before_buffering() {
+        let mut codec = ServerCodec::new(1024, 1024);
+        let mut buf = BytesMut::from(&[0x7f, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge { max: 1024, .. })
+        ));
+        assert!(
+            buf.capacity() < 1024,
+            "nothing reserved for the hostile length"
+        );
+    }
+
+    #[test]
+    fn undecodable_body_keeps_the_stream_in_sync() {
+        let mut codec = ServerCodec::new(MAX_REQUEST_FRAME, MAX_REQUEST_FRAME);
+        let mut buf = BytesMut::from(&[0, 0, 0, 2, 9, 0xee][..]);
+        buf.extend_from_slice(&frame::encode(&request(3), MAX_REQUEST_FRAME).expect("encodes"));
+        let bad = codec
+            .decode(&mut buf)
+            .expect("framing ok")
+            .expect("a frame");
+        let bad = bad.expect_err("body is not a Request");
+        assert_eq!(frame::peek_request_id(&bad.body), Some(9));
+        let good = codec
+            .decode(&mut buf)
+            .expect("framing ok")
+            .expect("a frame");
+        assert_eq!(good.expect("decodes").id, 3);
+    }
+
+    #[test]
+    fn eof_inside_a_frame_is_an_error() {
+        let mut codec = ServerCodec::new(MAX_REQUEST_FRAME, MAX_REQUEST_FRAME);
+        let mut buf = BytesMut::from(&[0, 0, 0, 10, 1, 2][..]);
+        assert!(matches!(codec.decode_eof(&mut buf), Err(FrameError::Io(_))));
+        let mut fresh = ServerCodec::new(MAX_REQUEST_FRAME, MAX_REQUEST_FRAME);
+        assert!(matches!(fresh.decode_eof(&mut BytesMut::new()), Ok(None)));
+    }
+
+    #[test]
+    fn encoder_refuses_oversized_messages_and_keeps_the_buffer() {
+        let mut codec = FrameCodec::<Request, Hello>::new(1024, 16);
+        let mut buf = BytesMut::from(&b"keep"[..]);
+        let hello = Hello {
+            protocol: 1,
+            client_name: "x".repeat(100),
+        };
+        assert!(matches!(
+            codec.encode(&hello, &mut buf),
+            Err(FrameError::TooLarge { max: 16, .. })
+        ));
+        assert_eq!(&buf[..], b"keep");
+    }
+}

@@ -45,8 +45,13 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(vmd::run(&config, shutdown_signal()))?;
-    Ok(())
+    runtime.block_on(async {
+        // Handlers go in before anything binds, so a SIGTERM right after
+        // start-up still shuts down gracefully.
+        let shutdown = shutdown_signal()?;
+        vmd::run(&config, shutdown).await?;
+        Ok(())
+    })
 }
 
 fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
@@ -64,24 +69,17 @@ fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs SIGTERM and SIGINT handlers; the future resolves on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM received"),
-                _ = int.recv() => info!("SIGINT received"),
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
         }
-        _ => {
-            warn!("cannot install signal handlers; stop with Ctrl-C");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
 
 /// `error: cause: cause`, each message once.

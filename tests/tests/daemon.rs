@@ -1,0 +1,137 @@
+//! The `vmd` binary as the README runs it: `vmd serve --dev` creates its
+//! development PKI on first run, serves, and stops cleanly on SIGTERM.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use vmd_client::{Client, ClientTls, Endpoint};
+
+/// Longest wait for the daemon to start or stop.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Starts `vmd serve --dev` on an ephemeral port; returns the child, the
+/// bound TCP port, and the stderr reader (the rest of the log).
+async fn start_dev(
+    dev_dir: &Path,
+) -> (
+    Child,
+    u16,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
+    let mut child = Command::new(vmd_tests::vmd())
+        .args(["serve", "--dev", "--tcp", "127.0.0.1:0", "--no-vsock"])
+        .env("VMD_DEV_DIR", dev_dir)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("vmd starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let port = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("log line") {
+            if let Some(rest) = line.split("addr=tcp://").nth(1) {
+                let addr: std::net::SocketAddr = rest
+                    .split_whitespace()
+                    .next()
+                    .expect("address")
+                    .parse()
+                    .expect("socket address");
+                return addr.port();
+            }
+        }
+        panic!("vmd exited before listening");
+    })
+    .await
+    .expect("vmd listens in time");
+    (child, port, lines)
+}
+
+fn dev_client(dev_dir: &Path) -> ClientTls {
+    let pki = dev_dir.join("pki");
+    ClientTls::from_files(
+        &pki.join("ca.pem"),
+        &pki.join("clients/dev-admin.pem"),
+        &pki.join("clients/dev-admin.key"),
+        vmd_proto::SERVER_NAME,
+    )
+    .expect("dev PKI was created")
+}
+
+async fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
+    let pid = child.id().expect("running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("vmd stops after SIGTERM")
+        .expect("exit status")
+}
+
+#[tokio::test]
+async fn dev_mode_creates_its_pki_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (child, port, mut log) = start_dev(dir.path()).await;
+
+    let endpoint = Endpoint::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let client = Client::connect(&endpoint, &dev_client(dir.path()))
+        .await
+        .expect("dev-admin connects");
+    assert_eq!(client.welcome().identity, "dev-admin");
+    client.host().await.expect("host reply");
+
+    let status = sigterm_and_wait(child).await;
+    assert!(status.success(), "vmd exit status {status}");
+    let mut rest = Vec::new();
+    while let Ok(Some(line)) = log.next_line().await {
+        rest.push(line);
+    }
+    assert!(
+        rest.iter().any(|l| l.contains("SIGTERM received")),
+        "{rest:#?}"
+    );
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:#?}");
+    // The session that was open was closed by the server, not dropped.
+    assert!(client.host().await.is_err());
+}
+
+#[tokio::test]
+async fn dev_pki_is_reused_on_the_next_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (child, _, mut first_log) = start_dev(dir.path()).await;
+    let key = std::fs::read(dir.path().join("pki/ca.key")).expect("CA key");
+    let cert = std::fs::read(dir.path().join("pki/clients/dev-admin.pem")).expect("client cert");
+    let status = sigterm_and_wait(child).await;
+    let mut rest = Vec::new();
+    while let Ok(Some(line)) = first_log.next_line().await {
+        rest.push(line);
+    }
+    assert!(status.success(), "vmd exit status {status}: {rest:#?}");
+
+    let (child, port, _log) = start_dev(dir.path()).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("pki/ca.key")).expect("CA key"),
+        key
+    );
+    let endpoint = Endpoint::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    // The client certificate from the first run still works.
+    assert_eq!(
+        std::fs::read(dir.path().join("pki/clients/dev-admin.pem")).expect("cert"),
+        cert
+    );
+    Client::connect(&endpoint, &dev_client(dir.path()))
+        .await
+        .expect("old dev-admin certificate accepted");
+    assert!(sigterm_and_wait(child).await.success());
+}
