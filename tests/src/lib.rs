@@ -7,7 +7,7 @@
 //!   test's runtime, stopped (gracefully) by [`TestServer::stop`].
 //! - [`raw_session`]: a TLS connection with no protocol logic, for feeding
 //!   the daemon bad bytes.
-//! - [`vmd`], [`vmctl`]: the binaries built by this workspace.
+//! - [`vmd()`], [`vmctl()`]: the binaries built by this workspace.
 
 #![forbid(unsafe_code)]
 

@@ -52,18 +52,30 @@ async fn send<S: AsyncWrite + Unpin, T: serde::Serialize>(stream: &mut S, msg: &
     .await;
 }
 
-/// A raw session that has completed `Hello`/`Welcome`.
-async fn greeted(server: &TestServer) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut tls = raw_session(server.tcp_addr(), server.pki.raw_client_config("raw"))
+type RawTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A raw TLS session with a good certificate, before `Hello`.
+async fn raw(server: &TestServer) -> RawTls {
+    raw_session(server.tcp_addr(), server.pki.raw_client_config("raw"))
         .await
-        .expect("TLS");
+        .expect("TLS")
+}
+
+/// Reads the server's answer to `Hello`.
+async fn hello_reply(tls: &mut RawTls) -> HelloReply {
+    let body = read_frame(tls).await.expect("a Hello reply");
+    frame::decode(&body).expect("HelloReply")
+}
+
+/// A raw session that has completed `Hello`/`Welcome`.
+async fn greeted(server: &TestServer) -> RawTls {
+    let mut tls = raw(server).await;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         client_name: "raw test".into(),
     };
     send(&mut tls, &hello).await;
-    let body = read_frame(&mut tls).await.expect("Hello reply");
-    let reply: HelloReply = frame::decode(&body).expect("HelloReply");
+    let reply = hello_reply(&mut tls).await;
     assert!(reply.is_ok(), "{reply:?}");
     tls
 }
@@ -78,12 +90,9 @@ async fn oversized_length_prefix_gets_an_error_and_a_close() {
     let good = server.client("good").await;
 
     // Before Hello.
-    let mut tls = raw_session(server.tcp_addr(), server.pki.raw_client_config("raw"))
-        .await
-        .expect("TLS");
+    let mut tls = raw(&server).await;
     send_raw(&mut tls, &u32::MAX.to_be_bytes()).await;
-    let reply: HelloReply =
-        frame::decode(&read_frame(&mut tls).await.expect("error reply")).expect("HelloReply");
+    let reply = hello_reply(&mut tls).await;
     assert!(
         matches!(&reply, Err(ErrorReply::Malformed { reason }) if reason.contains("exceeds")),
         "{reply:?}"
@@ -111,12 +120,9 @@ async fn garbage_bytes_get_an_error_and_a_close() {
     let good = server.client("good").await;
 
     // Another protocol entirely: its first bytes read as a huge length.
-    let mut tls = raw_session(server.tcp_addr(), server.pki.raw_client_config("raw"))
-        .await
-        .expect("TLS");
+    let mut tls = raw(&server).await;
     send_raw(&mut tls, b"GET / HTTP/1.1\r\nHost: vmd\r\n\r\n").await;
-    let reply: HelloReply =
-        frame::decode(&read_frame(&mut tls).await.expect("error reply")).expect("HelloReply");
+    let reply = hello_reply(&mut tls).await;
     assert!(
         matches!(reply, Err(ErrorReply::Malformed { .. })),
         "{reply:?}"
@@ -124,12 +130,9 @@ async fn garbage_bytes_get_an_error_and_a_close() {
     assert_closed(&mut tls).await;
 
     // A well-framed Hello whose body is garbage.
-    let mut tls = raw_session(server.tcp_addr(), server.pki.raw_client_config("raw"))
-        .await
-        .expect("TLS");
+    let mut tls = raw(&server).await;
     send_raw(&mut tls, &[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).await;
-    let reply: HelloReply =
-        frame::decode(&read_frame(&mut tls).await.expect("error reply")).expect("HelloReply");
+    let reply = hello_reply(&mut tls).await;
     assert!(
         matches!(reply, Err(ErrorReply::Malformed { .. })),
         "{reply:?}"
@@ -201,16 +204,13 @@ async fn unknown_protocol_version_is_refused_with_the_versions() {
     let server = TestServer::start().await;
     let good = server.client("good").await;
 
-    let mut tls = raw_session(server.tcp_addr(), server.pki.raw_client_config("raw"))
-        .await
-        .expect("TLS");
+    let mut tls = raw(&server).await;
     let hello = Hello {
         protocol: 999,
         client_name: "from the future".into(),
     };
     send(&mut tls, &hello).await;
-    let reply: HelloReply =
-        frame::decode(&read_frame(&mut tls).await.expect("reply")).expect("HelloReply");
+    let reply = hello_reply(&mut tls).await;
     assert_eq!(
         reply,
         Err(ErrorReply::VersionMismatch {

@@ -31,15 +31,4 @@ pub use config::ClientConfig;
 pub use endpoint::Endpoint;
 pub use tls::ClientTls;
 pub use vmd_proto as proto;
-
-/// `error: cause: cause`, each message once; for command-line output.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
-}
+pub use vmd_proto::error_chain;

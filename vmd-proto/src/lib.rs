@@ -14,6 +14,7 @@
 //! - [`frame`]: `u32` big-endian length prefix + postcard body; limits.
 //! - `codec` (feature `codec`): `FrameCodec` for `tokio_util::codec`.
 //! - [`dev`]: where `vmd serve --dev` and `vmctl --dev` meet.
+//! - [`error_chain`]: one-line error reports for both command lines.
 //!
 //! # Compatibility runbook
 //!
@@ -61,6 +62,20 @@ pub const DEFAULT_PORT: u16 = 9876;
 
 /// The DNS name in every server certificate; clients verify it by default.
 pub const SERVER_NAME: &str = "vmd";
+
+/// Formats an error and its `source()` chain as `error: cause: cause`, the
+/// one-line form both `vmd` and `vmctl` print (each message appears once,
+/// since error types here do not repeat their source in their message).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
 
 /// Conventions shared by `vmd serve --dev` and `vmctl --dev`, so a
 /// development client finds the development daemon with no configuration.

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmd: {}", chain(e.as_ref()));
+            eprintln!("vmd: {}", vmd_proto::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -49,8 +49,15 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         // Handlers go in before anything binds, so a SIGTERM right after
         // start-up still shuts down gracefully.
         let shutdown = shutdown_signal()?;
-        vmd::run(&config, shutdown).await?;
-        Ok(())
+        match vmd::run(&config, shutdown).await {
+            Err(e @ vmd::ServerError::Tls(_)) => Err(format!(
+                "{}\n(hint: create certificates with `vmd pki ensure --dir {}`, or try `vmd serve --dev`)",
+                vmd_proto::error_chain(&e),
+                config.tls.ca.parent().unwrap_or(std::path::Path::new(".")).display()
+            )
+            .into()),
+            other => Ok(other?),
+        }
     })
 }
 
@@ -80,16 +87,4 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => info!("SIGINT received"),
         }
     })
-}
-
-/// `error: cause: cause`, each message once.
-fn chain(err: &dyn Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }

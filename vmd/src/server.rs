@@ -76,6 +76,7 @@ impl Server {
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         config.check_listeners()?;
         let tls = TlsAcceptor::from(tls::server_config(&config.tls)?);
+        warn_about_expiry(&config.tls);
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for &addr in &config.tcp {
@@ -169,6 +170,29 @@ impl Server {
             );
         }
         info!("stopped");
+    }
+}
+
+/// How far ahead certificate expiry is announced in the log.
+const EXPIRY_WARNING_DAYS: u32 = 30;
+
+/// Logs a warning for a server or CA certificate that has expired or
+/// expires soon (clients will refuse an expired server certificate).
+fn warn_about_expiry(paths: &crate::config::TlsPaths) {
+    for (what, path) in [
+        ("server certificate", &paths.cert),
+        ("CA certificate", &paths.ca),
+    ] {
+        match crate::pki::CertSummary::from_pem_file(path) {
+            Ok(cert) if cert.expires_within(0) => {
+                error!(path = %path.display(), not_after = %cert.not_after, "{what} has expired");
+            }
+            Ok(cert) if cert.expires_within(EXPIRY_WARNING_DAYS) => {
+                warn!(path = %path.display(), not_after = %cert.not_after, "{what} expires soon");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(path = %path.display(), error = %e, "cannot read {what} validity"),
+        }
     }
 }
 
