@@ -11,6 +11,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod microvm;
+pub mod nspawn;
+pub mod qemu;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -170,7 +174,8 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// The daemon on `127.0.0.1:0`, no vsock, default limits.
+    /// The daemon on `127.0.0.1:0`, no vsock, default limits, an empty
+    /// inventory.
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
@@ -186,6 +191,11 @@ impl TestServer {
             vsock: None,
             tls: pki.server_paths(),
             ..Config::default()
+        };
+        // An empty inventory of its own: never this machine's VMs.
+        config.vms.inventory = vmd::inventory::InventorySource {
+            state_dir: pki.dir.path().join("microvms"),
+            file: Some(pki.dir.path().join("inventory.toml")),
         };
         adjust(&mut config);
         let server = vmd::Server::bind(&config).await.expect("server binds");

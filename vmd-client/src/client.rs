@@ -376,6 +376,23 @@ impl Client {
             .await
     }
 
+    /// Pauses a running VM.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn pause(&self, name: &VmName) -> Result<OperationInfo, ClientError> {
+        self.change(Op::Pause { name: name.clone() }, "pause").await
+    }
+
+    /// Resumes a paused VM.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn resume(&self, name: &VmName) -> Result<OperationInfo, ClientError> {
+        self.change(Op::Resume { name: name.clone() }, "resume")
+            .await
+    }
+
     /// Changes a running VM's vCPUs and/or memory.
     ///
     /// # Errors

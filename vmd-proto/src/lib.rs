@@ -273,6 +273,9 @@ mod tests {
             ErrorReply::Malformed {
                 reason: "garbage".into(),
             },
+            ErrorReply::Failed {
+                reason: "job failed".into(),
+            },
         ]
     }
 

@@ -258,6 +258,13 @@ pub enum ErrorReply {
         /// What was wrong.
         reason: String,
     },
+    /// The change was attempted and failed: the unit's job failed, or the
+    /// hypervisor refused a command.
+    #[error("failed: {reason}")]
+    Failed {
+        /// What failed, in the backend's words.
+        reason: String,
+    },
 }
 
 /// Host capabilities and resources.

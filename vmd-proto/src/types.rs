@@ -127,13 +127,42 @@ impl fmt::Display for Bytes {
             scaled /= 1024;
             unit += 1;
         }
-        let exact = self.0 % (1u64 << (10 * unit)) == 0;
+        let exact = self.0.is_multiple_of(1u64 << (10 * unit));
         if exact {
             return write!(f, "{scaled} {}", UNITS[unit]);
         }
         #[allow(clippy::cast_precision_loss)] // one decimal for display
         let value = self.0 as f64 / (1u64 << (10 * unit)) as f64;
         write!(f, "{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A size string could not be parsed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid size {0:?}: expected a number with an optional unit (B, K, M, G, T; KiB, MiB, GiB, TiB), e.g. 512M or 2G"
+)]
+pub struct BytesError(String);
+
+impl FromStr for Bytes {
+    type Err = BytesError;
+
+    /// Parses `2G`, `512MiB`, `1024` (bytes); units are binary.
+    fn from_str(s: &str) -> Result<Self, BytesError> {
+        let err = || BytesError(s.to_owned());
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let number: u64 = number.parse().map_err(|_| err())?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kib" => 10,
+            "m" | "mib" => 20,
+            "g" | "gib" => 30,
+            "t" | "tib" => 40,
+            _ => return Err(err()),
+        };
+        number.checked_mul(1 << shift).map(Bytes).ok_or_else(err)
     }
 }
 
@@ -144,6 +173,15 @@ pub struct OperationId(pub u64);
 impl fmt::Display for OperationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "op-{}", self.0)
+    }
+}
+
+impl FromStr for OperationId {
+    type Err = std::num::ParseIntError;
+
+    /// Parses `op-7` or `7`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.strip_prefix("op-").unwrap_or(s).parse().map(OperationId)
     }
 }
 
@@ -284,6 +322,20 @@ mod tests {
         assert_eq!(Bytes::mib(512).to_string(), "512 MiB");
         assert_eq!(Bytes::mib(2048).to_string(), "2 GiB");
         assert_eq!(Bytes(1536 * 1024 * 1024 + 1).to_string(), "1.5 GiB");
+    }
+
+    #[test]
+    fn bytes_parse() {
+        assert_eq!("2G".parse(), Ok(Bytes::mib(2048)));
+        assert_eq!("512MiB".parse(), Ok(Bytes::mib(512)));
+        assert_eq!("512m".parse(), Ok(Bytes::mib(512)));
+        assert_eq!("4096".parse(), Ok(Bytes(4096)));
+        for bad in ["", "G", "1.5G", "2X", "-1M", "99999999999T"] {
+            assert!(bad.parse::<Bytes>().is_err(), "{bad}");
+        }
+        assert_eq!("op-7".parse(), Ok(OperationId(7)));
+        assert_eq!("7".parse(), Ok(OperationId(7)));
+        assert!("op-x".parse::<OperationId>().is_err());
     }
 
     #[test]

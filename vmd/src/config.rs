@@ -32,6 +32,20 @@
 //! [log]
 //! format = "plain"    # or "json"
 //! level = "info"      # a tracing filter, e.g. "info,vmd=debug"
+//!
+//! [vms]
+//! state_dir = "/var/lib/microvms"          # microvm.nix VMs are discovered here
+//! inventory = "/etc/vmd/inventory.toml"    # declared VMs (see `inventory`)
+//! max_concurrent_changes = 8
+//! systemd_bus = "unix:path=/run/dbus/system_bus_socket"   # default: the system bus
+//! qmp_timeout_secs = 5
+//!
+//! [policy]
+//! default_role = "reader"   # for authenticated identities not listed below
+//!
+//! [[policy.identity]]
+//! name = "admin-laptop"     # the certificate's SAN DNS name (or CN)
+//! role = "admin"            # reader < operator < admin
 //! ```
 
 use std::net::SocketAddr;
@@ -39,7 +53,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use vmd_proto::Role;
 use vmd_proto::frame::MAX_REQUEST_FRAME;
+
+use crate::inventory::InventorySource;
+use crate::ops::OperationLimits;
 
 /// Where the config file is read from when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmd/vmd.toml";
@@ -93,6 +111,74 @@ pub struct ConfigFile {
     /// `[log]`
     #[serde(default)]
     pub log: LogFile,
+    /// `[vms]`
+    #[serde(default)]
+    pub vms: VmsFile,
+    /// `[policy]`
+    #[serde(default)]
+    pub policy: PolicyFile,
+}
+
+/// `[vms]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmsFile {
+    /// The microvm.nix state directory.
+    pub state_dir: Option<PathBuf>,
+    /// The inventory file.
+    pub inventory: Option<PathBuf>,
+    /// Changes running at once, host-wide.
+    pub max_concurrent_changes: Option<usize>,
+    /// The D-Bus address of systemd's bus.
+    pub systemd_bus: Option<String>,
+    /// Bound on one control-socket session, in seconds.
+    pub qmp_timeout_secs: Option<u64>,
+}
+
+/// `[policy]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// The role of authenticated identities not listed.
+    pub default_role: Option<RoleName>,
+    /// `[[policy.identity]]`
+    #[serde(default)]
+    pub identity: Vec<IdentityFile>,
+}
+
+/// `[[policy.identity]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    /// The certificate identity (SAN DNS name, else CN).
+    pub name: String,
+    /// Its role.
+    pub role: RoleName,
+}
+
+/// A role as written in the config file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    /// `reader`
+    Reader,
+    /// `operator`
+    Operator,
+    /// `admin`
+    Admin,
+    /// `none`: authenticated, but no rights.
+    None,
+}
+
+impl RoleName {
+    fn role(self) -> Option<Role> {
+        match self {
+            Self::Reader => Some(Role::Reader),
+            Self::Operator => Some(Role::Operator),
+            Self::Admin => Some(Role::Admin),
+            Self::None => None,
+        }
+    }
 }
 
 /// `[listen]`
@@ -185,6 +271,63 @@ pub struct Config {
     pub limits: Limits,
     /// Logging.
     pub log: LogConfig,
+    /// Where VMs are declared and how they are reached.
+    pub vms: VmsConfig,
+    /// Who may do what.
+    pub policy: Policy,
+}
+
+/// Where VMs are declared and how they are reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmsConfig {
+    /// The inventory's sources.
+    pub inventory: InventorySource,
+    /// Operation registry limits.
+    pub operations: OperationLimits,
+    /// systemd's bus; `None` for the system bus.
+    pub systemd_bus: Option<String>,
+    /// Bound on one control-socket session.
+    pub qmp_timeout: Duration,
+}
+
+impl Default for VmsConfig {
+    fn default() -> Self {
+        Self {
+            inventory: InventorySource::default(),
+            operations: OperationLimits::default(),
+            systemd_bus: None,
+            qmp_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Who may do what: identity → role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// The role of authenticated identities not listed.
+    pub default_role: Option<Role>,
+    /// Listed identities and their roles.
+    pub identities: Vec<(String, Option<Role>)>,
+}
+
+impl Default for Policy {
+    /// Every authenticated identity may read; nobody may change anything.
+    fn default() -> Self {
+        Self {
+            default_role: Some(Role::Reader),
+            identities: Vec::new(),
+        }
+    }
+}
+
+impl Policy {
+    /// The role of an identity.
+    pub fn role_for(&self, identity: &str) -> Option<Role> {
+        self.identities
+            .iter()
+            .find(|(name, _)| name == identity)
+            .map_or(self.default_role, |(_, role)| *role)
+    }
 }
 
 /// The AF_VSOCK listener.
@@ -281,6 +424,8 @@ impl Default for Config {
             tls: TlsPaths::in_pki_dir(Path::new(DEFAULT_PKI_DIR)),
             limits: Limits::default(),
             log: LogConfig::default(),
+            vms: VmsConfig::default(),
+            policy: Policy::default(),
         }
     }
 }
@@ -393,20 +538,70 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
             return Err(invalid("log.level", e.to_string()));
         }
+        let v = file.vms;
+        let vms = VmsConfig {
+            inventory: InventorySource {
+                state_dir: v.state_dir.unwrap_or(defaults.vms.inventory.state_dir),
+                file: v.inventory.or(defaults.vms.inventory.file),
+            },
+            operations: OperationLimits {
+                max_concurrent: in_range(
+                    "vms.max_concurrent_changes",
+                    v.max_concurrent_changes
+                        .unwrap_or(defaults.vms.operations.max_concurrent),
+                    1,
+                    1024,
+                )?,
+                ..defaults.vms.operations
+            },
+            systemd_bus: v.systemd_bus,
+            qmp_timeout: secs(
+                "vms.qmp_timeout_secs",
+                v.qmp_timeout_secs,
+                defaults.vms.qmp_timeout,
+            )?,
+        };
+        let mut identities = Vec::new();
+        for id in file.policy.identity {
+            if id.name.is_empty() {
+                return Err(invalid("policy.identity.name", "must not be empty"));
+            }
+            if identities.iter().any(|(name, _)| *name == id.name) {
+                return Err(invalid(
+                    "policy.identity.name",
+                    format!("{} is listed twice", id.name),
+                ));
+            }
+            identities.push((id.name, id.role.role()));
+        }
+        let policy = Policy {
+            default_role: file
+                .policy
+                .default_role
+                .map_or(defaults.policy.default_role, RoleName::role),
+            identities,
+        };
         Ok(Self {
             tcp: file.listen.tcp.unwrap_or(defaults.tcp),
             vsock,
             tls,
             limits,
             log,
+            vms,
+            policy,
         })
     }
 
     /// The development configuration: loopback TCP on the default port,
-    /// vsock where present, the PKI in `dev_dir/pki`.
+    /// vsock where present, the PKI in `dev_dir/pki`, and the `dev-admin`
+    /// client an admin.
     pub fn dev(dev_dir: &Path) -> Self {
         Self {
             tls: TlsPaths::in_pki_dir(&dev_dir.join("pki")),
+            policy: Policy {
+                identities: vec![(vmd_proto::dev::CLIENT_NAME.to_owned(), Some(Role::Admin))],
+                ..Policy::default()
+            },
             ..Self::default()
         }
     }
@@ -551,6 +746,57 @@ mod tests {
         );
         let err = parse("[log]\nlevel = \"info,=[\"\n").expect_err("bad filter");
         assert!(err.to_string().starts_with("log.level:"), "{err}");
+    }
+
+    #[test]
+    fn vms_and_policy_sections() {
+        let config = parse(
+            r#"
+            [vms]
+            state_dir = "/srv/microvms"
+            inventory = "/srv/inventory.toml"
+            max_concurrent_changes = 2
+            systemd_bus = "unix:path=/tmp/bus"
+            [policy]
+            default_role = "none"
+            [[policy.identity]]
+            name = "admin-laptop"
+            role = "admin"
+            [[policy.identity]]
+            name = "gui-vm"
+            role = "operator"
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(
+            config.vms.inventory.state_dir,
+            PathBuf::from("/srv/microvms")
+        );
+        assert_eq!(config.vms.operations.max_concurrent, 2);
+        assert_eq!(
+            config.vms.systemd_bus.as_deref(),
+            Some("unix:path=/tmp/bus")
+        );
+        assert_eq!(config.policy.role_for("admin-laptop"), Some(Role::Admin));
+        assert_eq!(config.policy.role_for("gui-vm"), Some(Role::Operator));
+        assert_eq!(config.policy.role_for("stranger"), None);
+        assert_eq!(
+            Config::default().policy.role_for("stranger"),
+            Some(Role::Reader)
+        );
+    }
+
+    #[test]
+    fn policy_errors_name_the_key() {
+        let err =
+            parse("[[policy.identity]]\nname = \"x\"\nrole = \"root\"\n").expect_err("bad role");
+        assert!(err.to_string().contains("root"), "{err}");
+        let twice = "[[policy.identity]]\nname = \"x\"\nrole = \"admin\"\n".repeat(2);
+        let err = parse(&twice).expect_err("duplicate");
+        assert!(
+            err.to_string().starts_with("policy.identity.name:"),
+            "{err}"
+        );
     }
 
     #[test]

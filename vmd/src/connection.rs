@@ -36,7 +36,7 @@ use vmd_proto::{
     ErrorReply, Hello, HelloReply, PROTOCOL_VERSION, Request, Response, Role, Welcome,
 };
 
-use crate::config::Limits;
+use crate::config::{Limits, Policy};
 use crate::handler::Handler;
 use crate::tls::PeerIdentity;
 use crate::transport::PeerAddr;
@@ -57,6 +57,7 @@ pub(crate) struct ConnectionContext {
     pub(crate) tls: TlsAcceptor,
     pub(crate) handler: Arc<Handler>,
     pub(crate) limits: Limits,
+    pub(crate) policy: Policy,
 }
 
 impl std::fmt::Debug for ConnectionContext {
@@ -96,11 +97,11 @@ pub(crate) async fn serve<S>(
         }
     };
     let span = info_span!("conn", %peer, identity = %identity.name);
-    // Until the policy engine exists every authenticated client may read.
+    let role = ctx.policy.role_for(&identity.name);
     let session = Arc::new(Session {
         identity,
         peer,
-        role: Some(Role::Reader),
+        role,
     });
     async move {
         let codec = FrameCodec::<Hello, HelloReply>::new(limits.max_request_frame, MAX_REPLY_FRAME);

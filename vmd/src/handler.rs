@@ -1,33 +1,44 @@
 //! Request handling: one routing `match` from [`Op`] to its handler, and
 //! the one place internal errors become wire errors.
 //!
-//! Reads (`Host`, `ListVms`, `GetVm`) answer from the backends on request;
-//! nothing is polled in between. VM backends (inventory, systemd, QMP) and
-//! operations are not part of this version: the inventory is empty, so
-//! `ListVms` is empty and every VM lookup or change answers `NotFound`, and
-//! `Watch` answers `Unsupported`.
+//! 1. The client's role must cover the request (`reader` < `operator` <
+//!    `admin`).
+//! 2. Reads (`Host`, `ListVms`, `GetVm`, operations) answer from the
+//!    backends on request; nothing is polled in between.
+//! 3. Changes need usable KVM on the host, then go to the VM service,
+//!    which answers `Accepted` at once or refuses (busy, invalid,
+//!    protected).
+//! 4. Every error becomes an [`ErrorReply`] in `impl From<HandlerError> for
+//!    ErrorReply`; backend details are logged there, never sent.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{Instrument, debug, error, info_span};
-use vmd_proto::{ErrorReply, Op, Reply, Request, Response, Role, VmName};
+use vmd_proto::{ErrorReply, Op, OperationId, Reply, Request, Response, Role, Virtualization};
 
+use crate::backend::BackendError;
 use crate::connection::Session;
 use crate::host::HostProbe;
+use crate::ops::Busy;
+use crate::vms::{Change, VmError, VmService};
+
+/// The longest a `WaitOperation` may wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
 
 /// Everything a request handler may fail with. Converted to the wire
 /// error in exactly one place: `impl From<HandlerError> for ErrorReply`.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// The VM is not in the inventory the client can see.
-    #[error("no VM named {0}")]
-    UnknownVm(VmName),
+    /// A VM request failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
     /// The operation id is unknown (or expired).
     #[error("no operation {0}")]
-    UnknownOperation(vmd_proto::OperationId),
+    UnknownOperation(OperationId),
     /// The request is valid but this daemon cannot serve it.
     #[error("{0}")]
-    Unsupported(&'static str),
+    Unsupported(String),
     /// The client's role does not allow this request.
     #[error("role {have} may not {op} (needs {need})")]
     Forbidden {
@@ -38,9 +49,6 @@ pub enum HandlerError {
         /// The role the request needs.
         need: Role,
     },
-    /// An invariant broke; logged in full, sent as `Internal`.
-    #[error("internal error: {0}")]
-    Internal(String),
 }
 
 /// A client's role for messages, `none` when it has no rights.
@@ -59,21 +67,73 @@ impl std::fmt::Display for RoleName {
 impl From<HandlerError> for ErrorReply {
     fn from(err: HandlerError) -> Self {
         match err {
-            HandlerError::UnknownVm(name) => ErrorReply::NotFound {
-                what: format!("VM {name}"),
-            },
+            HandlerError::Vm(e) => e.into(),
             HandlerError::UnknownOperation(id) => ErrorReply::NotFound {
                 what: format!("operation {id}"),
             },
-            HandlerError::Unsupported(reason) => ErrorReply::Unsupported {
-                reason: reason.to_owned(),
-            },
+            HandlerError::Unsupported(reason) => ErrorReply::Unsupported { reason },
             e @ HandlerError::Forbidden { .. } => ErrorReply::Forbidden {
                 reason: e.to_string(),
             },
-            HandlerError::Internal(detail) => {
-                error!(%detail, "internal error");
-                ErrorReply::Internal
+        }
+    }
+}
+
+impl From<VmError> for ErrorReply {
+    fn from(err: VmError) -> Self {
+        match err {
+            VmError::NotFound(name) => ErrorReply::NotFound {
+                what: format!("VM {name}"),
+            },
+            VmError::Inventory(e) => {
+                error!(error = %vmd_proto::error_chain(&e), "inventory unusable");
+                ErrorReply::Unavailable {
+                    reason: "the host's VM inventory cannot be read".into(),
+                }
+            }
+            e @ VmError::Protected(_) => ErrorReply::Forbidden {
+                reason: e.to_string(),
+            },
+            VmError::Busy(busy) => busy.into(),
+            VmError::Invalid(reason) => ErrorReply::InvalidArgument { reason },
+            VmError::Unsupported(reason) => ErrorReply::Unsupported { reason },
+            VmError::Backend(e) => e.into(),
+        }
+    }
+}
+
+impl From<Busy> for ErrorReply {
+    fn from(busy: Busy) -> Self {
+        ErrorReply::Busy {
+            vm: busy.vm,
+            operation: busy.kind,
+            since_unix_ms: busy.since_unix_ms,
+        }
+    }
+}
+
+impl From<BackendError> for ErrorReply {
+    fn from(err: BackendError) -> Self {
+        match err {
+            e @ (BackendError::Unavailable(_) | BackendError::SocketBusy(_)) => {
+                ErrorReply::Unavailable {
+                    reason: e.to_string(),
+                }
+            }
+            BackendError::NoSuchUnit(unit) => ErrorReply::NotFound {
+                what: format!("unit {unit}"),
+            },
+            BackendError::Timeout(_) => ErrorReply::Timeout,
+            e @ (BackendError::JobFailed { .. } | BackendError::Command { .. }) => {
+                ErrorReply::Failed {
+                    reason: e.to_string(),
+                }
+            }
+            BackendError::Protocol(detail) => {
+                error!(%detail, "backend protocol error");
+                ErrorReply::Unavailable {
+                    reason: "a backend answered something unexpected".into(),
+                }
             }
         }
     }
@@ -101,12 +161,13 @@ fn required_role(op: &Op) -> Role {
 #[derive(Debug)]
 pub struct Handler {
     host: HostProbe,
+    vms: VmService,
 }
 
 impl Handler {
-    /// A handler over the given host probe.
-    pub fn new(host: HostProbe) -> Self {
-        Self { host }
+    /// A handler over the host probe and the VM service.
+    pub fn new(host: HostProbe, vms: VmService) -> Self {
+        Self { host, vms }
     }
 
     /// Answers one request. Never fails: errors become the response.
@@ -134,23 +195,61 @@ impl Handler {
                 need,
             });
         }
-        match op {
-            Op::Host => Ok(Reply::Host(self.host.probe())),
-            Op::ListVms => Ok(Reply::Vms(Vec::new())),
-            Op::GetVm { name }
-            | Op::Start { name }
-            | Op::Shutdown { name, .. }
-            | Op::Restart { name }
-            | Op::Pause { name }
-            | Op::Resume { name }
-            | Op::Resize { name, .. } => Err(HandlerError::UnknownVm(name)),
-            Op::GetOperation { id } | Op::WaitOperation { id, .. } => {
-                Err(HandlerError::UnknownOperation(id))
+        let change = match op {
+            Op::Host => return Ok(Reply::Host(self.host.probe())),
+            Op::ListVms => return Ok(Reply::Vms(self.vms.list().await?)),
+            Op::GetVm { name } => return Ok(Reply::Vm(self.vms.get(&name).await?)),
+            Op::GetOperation { id } => {
+                return self
+                    .vms
+                    .operations()
+                    .get(id)
+                    .map(Reply::Operation)
+                    .ok_or(HandlerError::UnknownOperation(id));
             }
-            Op::Watch { .. } => Err(HandlerError::Unsupported(
-                "watch is not available in this vmd version",
-            )),
+            Op::WaitOperation { id, timeout_ms } => {
+                let timeout = Duration::from_millis(timeout_ms.into()).min(MAX_WAIT);
+                return self
+                    .vms
+                    .operations()
+                    .wait(id, timeout)
+                    .await
+                    .map(Reply::Operation)
+                    .ok_or(HandlerError::UnknownOperation(id));
+            }
+            Op::Watch { .. } => {
+                return Err(HandlerError::Unsupported(
+                    "watch is not available in this vmd version".into(),
+                ));
+            }
+            Op::Start { name } => (name, Change::Start),
+            Op::Shutdown {
+                name,
+                force,
+                timeout_secs,
+            } => (
+                name,
+                Change::Shutdown {
+                    force,
+                    timeout: timeout_secs.map(|s| Duration::from_secs(s.into())),
+                },
+            ),
+            Op::Restart { name } => (name, Change::Restart),
+            Op::Pause { name } => (name, Change::Pause),
+            Op::Resume { name } => (name, Change::Resume),
+            Op::Resize {
+                name,
+                vcpus,
+                memory,
+            } => (name, Change::Resize { vcpus, memory }),
+        };
+        if let Virtualization::Unavailable { reason } = self.host.probe().virtualization {
+            return Err(HandlerError::Unsupported(format!(
+                "VMs cannot be changed on this host: {reason}"
+            )));
         }
+        let (name, change) = change;
+        Ok(Reply::Accepted(self.vms.change(&name, change).await?))
     }
 }
 
@@ -158,11 +257,12 @@ impl Handler {
 mod tests {
     use std::time::Instant;
 
-    use vmd_proto::OperationId;
+    use vmd_proto::{OperationId, VmName};
 
     use super::*;
     use crate::tls::PeerIdentity;
     use crate::transport::PeerAddr;
+    use crate::vms::tests::{Fixture, fixture};
 
     fn session(role: Option<Role>) -> Arc<Session> {
         Arc::new(Session {
@@ -175,45 +275,51 @@ mod tests {
         })
     }
 
-    async fn ask(role: Option<Role>, body: Op) -> Result<Reply, ErrorReply> {
-        let handler = Arc::new(Handler::new(HostProbe::new(Instant::now())));
+    async fn ask(f: &Fixture, role: Option<Role>, body: Op) -> Result<Reply, ErrorReply> {
+        let handler = Arc::new(Handler::new(
+            HostProbe::new(Instant::now()),
+            f.service.clone(),
+        ));
         let response = handler.handle(session(role), Request { id: 7, body }).await;
         assert_eq!(response.id, 7);
         response.result
     }
 
-    fn vm() -> VmName {
-        VmName::new("gui-vm").expect("valid")
+    fn vm(name: &str) -> VmName {
+        VmName::new(name).expect("valid")
+    }
+
+    fn kvm_usable() -> bool {
+        kvm_ioctls::Kvm::new().is_ok()
     }
 
     #[tokio::test]
-    async fn host_answers_for_readers() {
+    async fn reads_answer_for_readers() {
+        let f = fixture(None);
         assert!(matches!(
-            ask(Some(Role::Reader), Op::Host).await,
+            ask(&f, Some(Role::Reader), Op::Host).await,
             Ok(Reply::Host(_))
         ));
-    }
-
-    #[tokio::test]
-    async fn empty_inventory_is_not_faked() {
-        assert_eq!(
-            ask(Some(Role::Reader), Op::ListVms).await,
-            Ok(Reply::Vms(vec![]))
-        );
+        match ask(&f, Some(Role::Reader), Op::ListVms).await {
+            Ok(Reply::Vms(vms)) => assert_eq!(vms.len(), 3),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
-            ask(Some(Role::Reader), Op::GetVm { name: vm() }).await,
-            Err(ErrorReply::NotFound { what }) if what == "VM gui-vm"
+            ask(&f, Some(Role::Reader), Op::GetVm { name: vm("ghost") }).await,
+            Err(ErrorReply::NotFound { what }) if what == "VM ghost"
         ));
         assert!(matches!(
-            ask(Some(Role::Admin), Op::Start { name: vm() }).await,
-            Err(ErrorReply::NotFound { .. })
-        ));
-        assert!(matches!(
-            ask(Some(Role::Reader), Op::GetOperation { id: OperationId(1) }).await,
+            ask(
+                &f,
+                Some(Role::Reader),
+                Op::GetOperation { id: OperationId(1) }
+            )
+            .await,
             Err(ErrorReply::NotFound { .. })
         ));
         assert!(matches!(
             ask(
+                &f,
                 Some(Role::Reader),
                 Op::Watch {
                     since: 0,
@@ -227,26 +333,65 @@ mod tests {
 
     #[tokio::test]
     async fn roles_gate_requests() {
-        let err = ask(Some(Role::Reader), Op::Start { name: vm() }).await;
+        let f = fixture(None);
+        let err = ask(&f, Some(Role::Reader), Op::Start { name: vm("app-vm") }).await;
         assert!(matches!(err, Err(ErrorReply::Forbidden { .. })), "{err:?}");
         let force = Op::Shutdown {
-            name: vm(),
+            name: vm("app-vm"),
             force: true,
             timeout_secs: None,
         };
         assert!(matches!(
-            ask(Some(Role::Operator), force).await,
+            ask(&f, Some(Role::Operator), force).await,
             Err(ErrorReply::Forbidden { .. })
         ));
         assert!(matches!(
-            ask(None, Op::Host).await,
+            ask(&f, None, Op::Host).await,
             Err(ErrorReply::Forbidden { .. })
         ));
     }
 
+    #[tokio::test]
+    async fn changes_are_accepted_then_waited_for() {
+        let f = fixture(None);
+        let reply = ask(&f, Some(Role::Operator), Op::Start { name: vm("app-vm") }).await;
+        if !kvm_usable() {
+            assert!(
+                matches!(reply, Err(ErrorReply::Unsupported { .. })),
+                "{reply:?}"
+            );
+            return;
+        }
+        let Ok(Reply::Accepted(op)) = reply else {
+            panic!("{reply:?}")
+        };
+        let waited = ask(
+            &f,
+            Some(Role::Reader),
+            Op::WaitOperation {
+                id: op.id,
+                timeout_ms: 10_000,
+            },
+        )
+        .await;
+        assert!(
+            matches!(&waited, Ok(Reply::Operation(info)) if info.status == vmd_proto::OperationStatus::Succeeded),
+            "{waited:?}"
+        );
+        // The protected VM is Forbidden, even for admins.
+        assert!(matches!(
+            ask(&f, Some(Role::Admin), Op::Restart { name: vm("admin-vm") }).await,
+            Err(ErrorReply::Forbidden { reason }) if reason.contains("protected")
+        ));
+    }
+
     #[test]
-    fn internal_details_do_not_leak() {
-        let wire = ErrorReply::from(HandlerError::Internal("secret path /x".into()));
-        assert_eq!(wire, ErrorReply::Internal);
+    fn backend_details_do_not_leak() {
+        let wire = ErrorReply::from(BackendError::Protocol("secret path /x".into()));
+        assert!(matches!(wire, ErrorReply::Unavailable { reason } if !reason.contains("/x")));
+        assert_eq!(
+            ErrorReply::from(BackendError::Timeout("unit".into())),
+            ErrorReply::Timeout
+        );
     }
 }

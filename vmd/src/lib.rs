@@ -19,16 +19,20 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod handler;
 pub mod host;
+pub mod inventory;
 pub mod logging;
+pub mod ops;
 pub mod pki;
 pub mod server;
 pub mod tls;
 pub mod transport;
+pub mod vms;
 
 pub use config::Config;
 pub use server::{Server, ServerError, run};

@@ -22,12 +22,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::backend::qmp::Qmp;
+use crate::backend::systemd::Systemd;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
 use crate::handler::Handler;
 use crate::host::HostProbe;
+use crate::ops::Operations;
 use crate::tls::{self, TlsError};
 use crate::transport::{self, ListenAddr, Listener};
+use crate::vms::{ChangeDeadlines, VmService};
 
 /// Longest pause after repeated accept errors.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -120,7 +124,14 @@ impl Server {
             }
             .into());
         }
-        let handler = Arc::new(Handler::new(HostProbe::new(Instant::now())));
+        let vms = VmService::new(
+            config.vms.inventory.clone(),
+            Arc::new(Systemd::new(config.vms.systemd_bus.clone())),
+            Arc::new(Qmp::new(config.vms.qmp_timeout)),
+            Operations::new(config.vms.operations),
+            ChangeDeadlines::default(),
+        );
+        let handler = Arc::new(Handler::new(HostProbe::new(Instant::now()), vms));
         Ok(Self {
             listeners,
             addrs,
@@ -128,6 +139,7 @@ impl Server {
                 tls,
                 handler,
                 limits: config.limits,
+                policy: config.policy.clone(),
             }),
         })
     }

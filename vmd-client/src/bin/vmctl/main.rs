@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use vmd_client::{
     Client, ClientConfig, ClientError, ClientTls, ConnectOptions, Endpoint, error_chain,
 };
-use vmd_proto::VmName;
+use vmd_proto::{Bytes, OperationId, OperationInfo, OperationStatus, VmName};
 
 /// See and control the virtual machines of a vmd host.
 #[derive(Debug, Parser)]
@@ -65,6 +65,75 @@ enum Command {
         /// The VM's name.
         vm: VmName,
     },
+    /// Start a stopped VM.
+    Start {
+        /// The VM's name.
+        vm: VmName,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Shut a running VM down (gracefully, through its unit's stop).
+    Stop {
+        /// The VM's name.
+        vm: VmName,
+        /// Kill it instead (admin only).
+        #[arg(long)]
+        force: bool,
+        /// Seconds the graceful stop may take.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u32>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Restart a VM.
+    Restart {
+        /// The VM's name.
+        vm: VmName,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Pause a running VM's vCPUs.
+    Pause {
+        /// The VM's name.
+        vm: VmName,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM's name.
+        vm: VmName,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Change a running VM's vCPUs and/or memory target (admin only).
+    Resize {
+        /// The VM's name.
+        vm: VmName,
+        /// Online vCPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Guest memory target, e.g. 512M or 2G (via the balloon).
+        #[arg(long)]
+        memory: Option<Bytes>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Show an operation (`op-7` or `7`).
+    Op {
+        /// The operation id.
+        id: OperationId,
+        #[command(flatten)]
+        wait: Wait,
+    },
+}
+
+/// `--wait`: block until the operation ends.
+#[derive(Debug, clap::Args)]
+struct Wait {
+    /// Wait until the operation ends; exit 1 if it failed.
+    #[arg(long)]
+    wait: bool,
 }
 
 /// A failure and the exit code it maps to.
@@ -72,6 +141,8 @@ enum Failure {
     Usage(String),
     Connect(String),
     Server(String),
+    /// Already reported on stdout (a failed operation): just the exit code.
+    Silent(u8),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +171,7 @@ fn main() -> ExitCode {
             eprintln!("vmctl: {msg}");
             ExitCode::from(3)
         }
+        Err(Failure::Silent(code)) => ExitCode::from(code),
     }
 }
 
@@ -159,24 +231,75 @@ async fn run(args: Args) -> Result<(), Failure> {
         e => Failure::Connect(error_chain(&e)),
     };
     let json = args.json;
-    let text = match args.command {
+    let render = |text: Result<String, serde_json::Error>| {
+        text.map_err(|e| Failure::Usage(format!("cannot format output: {e}")))
+    };
+    let (op, wait) = match args.command {
         Command::Host => {
             let host = client.host().await.map_err(fail)?;
-            output::render(json, &host, output::host)
+            println!("{}", render(output::render(json, &host, output::host))?);
+            client.close().await;
+            return Ok(());
         }
         Command::List => {
             let vms = client.list_vms().await.map_err(fail)?;
-            output::render(json, &vms, |vms| output::vm_table(vms))
+            println!(
+                "{}",
+                render(output::render(json, &vms, |vms| output::vm_table(vms)))?
+            );
+            client.close().await;
+            return Ok(());
         }
         Command::Info { vm } => {
             let info = client.get_vm(&vm).await.map_err(fail)?;
-            output::render(json, &info, output::vm_details)
+            println!(
+                "{}",
+                render(output::render(json, &info, output::vm_details))?
+            );
+            client.close().await;
+            return Ok(());
         }
+        Command::Start { vm, wait } => (client.start(&vm).await, wait),
+        Command::Stop {
+            vm,
+            force,
+            timeout,
+            wait,
+        } => (client.shutdown(&vm, force, timeout).await, wait),
+        Command::Restart { vm, wait } => (client.restart(&vm).await, wait),
+        Command::Pause { vm, wait } => (client.pause(&vm).await, wait),
+        Command::Resume { vm, wait } => (client.resume(&vm).await, wait),
+        Command::Resize {
+            vm,
+            vcpus,
+            memory,
+            wait,
+        } => {
+            if vcpus.is_none() && memory.is_none() {
+                return Err(Failure::Usage(
+                    "resize needs --vcpus, --memory or both".into(),
+                ));
+            }
+            (client.resize(&vm, vcpus, memory).await, wait)
+        }
+        Command::Op { id, wait } => (client.get_operation(id).await, wait),
     };
+    let mut op = op.map_err(fail)?;
+    if wait.wait {
+        op = wait_for(&client, op).await.map_err(fail)?;
+    }
+    println!("{}", render(output::render(json, &op, output::operation))?);
     client.close().await;
-    println!(
-        "{}",
-        text.map_err(|e| Failure::Usage(format!("cannot format output: {e}")))?
-    );
+    if matches!(op.status, OperationStatus::Failed(_)) {
+        return Err(Failure::Silent(1));
+    }
     Ok(())
+}
+
+/// Waits (in `WaitOperation` rounds, no polling) until `op` ends.
+async fn wait_for(client: &Client, mut op: OperationInfo) -> Result<OperationInfo, ClientError> {
+    while op.status == OperationStatus::Running {
+        op = client.wait_operation(op.id, 60_000).await?;
+    }
+    Ok(op)
 }

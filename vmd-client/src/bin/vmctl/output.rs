@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use serde::Serialize;
-use vmd_proto::{HostInfo, Virtualization, VmInfo};
+use vmd_proto::{HostInfo, OperationInfo, OperationStatus, Virtualization, VmInfo};
 
 /// JSON if asked, else the human form.
 pub(crate) fn render<T: Serialize + ?Sized>(
@@ -199,10 +199,27 @@ pub(crate) fn vm_details(vm: &VmInfo) -> String {
         ("Tasks", or_dash(vm.tasks)),
         (
             "Pending",
-            or_dash(vm.pending.as_ref().map(|p| p.kind.to_string())),
+            or_dash(vm.pending.as_ref().map(|p| match p.id {
+                Some(id) => format!("{} ({id})", p.kind),
+                None => p.kind.to_string(),
+            })),
         ),
     ];
     pairs(&rows)
+}
+
+/// An operation: `op-3  start  gui-vm  succeeded (1.2s)`.
+pub(crate) fn operation(op: &OperationInfo) -> String {
+    let took = op.finished_unix_ms.map_or(String::new(), |end| {
+        #[allow(clippy::cast_precision_loss)] // display only
+        let secs = end.saturating_sub(op.started_unix_ms) as f64 / 1000.0;
+        format!(" ({secs:.1}s)")
+    });
+    let status = match &op.status {
+        OperationStatus::Running => "accepted, running".to_owned(),
+        other => other.to_string(),
+    };
+    format!("{}  {}  {}  {status}{took}", op.id, op.kind, op.vm)
 }
 
 #[cfg(test)]
