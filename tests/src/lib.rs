@@ -243,6 +243,28 @@ impl TestServer {
             .expect("client connects")
     }
 
+    /// `vmctl` flags that reach this server as `identity` (a fresh
+    /// certificate): `--endpoint`, `--ca`, `--cert`, `--key`.
+    ///
+    /// # Panics
+    /// If the certificate cannot be issued.
+    pub fn vmctl_args(&self, identity: &str) -> Vec<String> {
+        let (cert, key) = self
+            .pki
+            .client_files(&self.pki.ca, identity, Validity::days_from_now(1));
+        let path = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
+        vec![
+            "--endpoint".into(),
+            format!("tcp://{}", self.tcp_addr()),
+            "--ca".into(),
+            path(&self.pki.ca_cert()),
+            "--cert".into(),
+            path(&cert),
+            "--key".into(),
+            path(&key),
+        ]
+    }
+
     /// Starts a graceful shutdown without waiting for it.
     pub fn begin_shutdown(&self) {
         self.cancel.cancel();

@@ -3,7 +3,6 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use vmd::pki::Validity;
 use vmd_tests::{TestServer, vmctl};
 
 /// Runs vmctl with the given arguments, killing it if it hangs.
@@ -23,32 +22,10 @@ async fn run(args: Vec<String>, limit: Duration) -> Output {
         .expect("vmctl output")
 }
 
-fn tls_args(server: &TestServer, name: &str) -> Vec<String> {
-    let ca = vmd::pki::CertificateAuthority::load(
-        &server.pki.ca_cert(),
-        &server.pki.ca_cert().with_file_name("ca.key"),
-    )
-    .expect("CA");
-    let (cert, key) = server
-        .pki
-        .client_files(&ca, name, Validity::days_from_now(1));
-    let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_owned();
-    vec![
-        "--endpoint".into(),
-        format!("tcp://{}", server.tcp_addr()),
-        "--ca".into(),
-        path(&server.pki.ca_cert()),
-        "--cert".into(),
-        path(&cert),
-        "--key".into(),
-        path(&key),
-    ]
-}
-
 #[tokio::test]
 async fn host_json_has_the_probe_fields() {
     let server = TestServer::start().await;
-    let mut args = tls_args(&server, "admin-laptop");
+    let mut args = server.vmctl_args("admin-laptop");
     args.extend(["host".into(), "--json".into()]);
     let out = run(args, Duration::from_secs(20)).await;
     assert!(
@@ -78,7 +55,7 @@ async fn host_json_has_the_probe_fields() {
 #[tokio::test]
 async fn human_output_and_server_errors() {
     let server = TestServer::start().await;
-    let base = tls_args(&server, "admin-laptop");
+    let base = server.vmctl_args("admin-laptop");
 
     let out = run(
         [base.clone(), vec!["host".into()]].concat(),
@@ -112,7 +89,7 @@ async fn human_output_and_server_errors() {
 #[tokio::test]
 async fn stopped_server_gives_a_quick_readable_error() {
     let server = TestServer::start().await;
-    let args = [tls_args(&server, "admin-laptop"), vec!["host".into()]].concat();
+    let args = [server.vmctl_args("admin-laptop"), vec!["host".into()]].concat();
     let _pki = server.stop().await;
     let out = run(args, Duration::from_secs(1)).await;
     assert_eq!(out.status.code(), Some(3));

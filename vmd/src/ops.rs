@@ -4,9 +4,10 @@
 //!    has one, or the host runs as many changes as it allows, it answers
 //!    busy at once: nothing waits for a lock.
 //! 2. The claim is an [`OperationGuard`]. The change runs in its own task
-//!    and ends with [`OperationGuard::finish`]; if the task ends any other
-//!    way (panic, cancellation) dropping the guard records a failure. Either
-//!    way the VM is released: on every path, by RAII.
+//!    and ends with [`OperationGuard::finish`]; a change refused before it
+//!    starts is [`OperationGuard::abandon`]ed and leaves no record; if the
+//!    task ends any other way (panic, cancellation) dropping the guard
+//!    records a failure. On every path the VM is released, by RAII.
 //! 3. Finished operations are kept for a while (count and age bounded) so
 //!    clients can fetch the result; old ones are pruned lazily when new
 //!    ones begin, so an idle daemon runs no timer.
@@ -179,6 +180,15 @@ impl Operations {
         }
     }
 
+    /// Forgets a claim that never became a change.
+    fn forget(&self, id: OperationId) {
+        let mut state = self.lock();
+        if let Some(record) = state.records.remove(&id) {
+            state.running.remove(&record.info.vm);
+            record.done.send_replace(true);
+        }
+    }
+
     fn end(&self, id: OperationId, status: OperationStatus) {
         let mut state = self.lock();
         let Some(record) = state.records.get_mut(&id) else {
@@ -237,6 +247,13 @@ impl OperationGuard {
         &self.info
     }
 
+    /// Releases the VM without recording an operation: the change was
+    /// refused before it started (for example by validation).
+    pub fn abandon(mut self) {
+        self.finished = true;
+        self.registry.forget(self.info.id);
+    }
+
     /// Ends the operation with the change's result and releases the VM.
     pub fn finish(mut self, result: Result<(), ErrorReply>) {
         self.finished = true;
@@ -292,6 +309,19 @@ mod tests {
         first.finish(Ok(()));
         assert_eq!(ops.pending(&vm("a")), None);
         ops.begin(&vm("a"), OperationKind::Shutdown)
+            .expect("released")
+            .finish(Ok(()));
+    }
+
+    #[test]
+    fn abandoned_claims_leave_no_trace() {
+        let ops = registry(8);
+        let guard = ops.begin(&vm("a"), OperationKind::Start).expect("free");
+        let id = guard.info().id;
+        guard.abandon();
+        assert_eq!(ops.get(id), None);
+        assert_eq!(ops.pending(&vm("a")), None);
+        ops.begin(&vm("a"), OperationKind::Start)
             .expect("released")
             .finish(Ok(()));
     }

@@ -8,15 +8,17 @@
 //! 3. [`vm_info`] combines them; what the host cannot know stays `None`.
 //!
 //! Changes (`change`):
-//! 1. The VM must exist, not be protected, and be in a state the change
-//!    makes sense for (start needs stopped, shutdown needs running, pause
-//!    and resize need running under a hypervisor vmd can control); resize
-//!    values are checked against the VM's limits. A change that makes no
-//!    sense answers `InvalidArgument` and does nothing: starting a running
-//!    VM is an error, like `virsh start` of an active domain.
-//! 2. The VM is claimed in the operations registry; a VM already changing
-//!    answers busy at once.
-//! 3. The change runs in its own task with a deadline; the request returns
+//! 1. The VM must exist and not be protected.
+//! 2. The VM is claimed in the operations registry before anything is
+//!    awaited, so of concurrent changes exactly the first wins and the rest
+//!    answer busy at once.
+//! 3. The change must make sense in the VM's state (start needs stopped,
+//!    shutdown needs running, pause and resize need running under a
+//!    hypervisor vmd can control) and resize values must fit the VM's
+//!    limits. Otherwise the claim is abandoned and the answer is
+//!    `InvalidArgument`, with nothing done: starting a running VM is an
+//!    error, like `virsh start` of an active domain.
+//! 4. The change runs in its own task with a deadline; the request returns
 //!    the accepted operation immediately.
 
 use std::sync::Arc;
@@ -230,29 +232,11 @@ impl VmService {
         if spec.protected {
             return Err(VmError::Protected(spec.name));
         }
-        let status = self.units.status(&spec.unit).await?;
-        let running = matches!(
-            status.active_state,
-            ActiveState::Active | ActiveState::Reloading
-        );
-        match &change {
-            Change::Start if running => {
-                return Err(VmError::Invalid(format!("{name} is already running")));
-            }
-            Change::Shutdown { .. } | Change::Pause | Change::Resume | Change::Resize { .. }
-                if !running =>
-            {
-                return Err(VmError::Invalid(format!("{name} is not running")));
-            }
-            Change::Pause | Change::Resume | Change::Resize { .. } => {
-                self.check_controllable(&spec)?;
-            }
-            _ => {}
-        }
-        if let Change::Resize { vcpus, memory } = &change {
-            self.check_resize(&spec, *vcpus, *memory).await?;
-        }
         let guard = self.ops.begin(name, change.kind())?;
+        if let Err(e) = self.check(&spec, &change).await {
+            guard.abandon();
+            return Err(e);
+        }
         let accepted = guard.info().clone();
         let service = self.clone();
         let span = info_span!("operation", id = %accepted.id, vm = %name, kind = %accepted.kind);
@@ -269,6 +253,34 @@ impl VmService {
             .instrument(span),
         );
         Ok(accepted)
+    }
+
+    /// Whether `change` makes sense for the VM now (step 3).
+    async fn check(&self, spec: &VmSpec, change: &Change) -> Result<(), VmError> {
+        let name = &spec.name;
+        let status = self.units.status(&spec.unit).await?;
+        let running = matches!(
+            status.active_state,
+            ActiveState::Active | ActiveState::Reloading
+        );
+        match change {
+            Change::Start if running => {
+                return Err(VmError::Invalid(format!("{name} is already running")));
+            }
+            Change::Shutdown { .. } | Change::Pause | Change::Resume | Change::Resize { .. }
+                if !running =>
+            {
+                return Err(VmError::Invalid(format!("{name} is not running")));
+            }
+            Change::Pause | Change::Resume | Change::Resize { .. } => {
+                self.check_controllable(spec)?;
+            }
+            _ => {}
+        }
+        if let Change::Resize { vcpus, memory } = change {
+            self.check_resize(spec, *vcpus, *memory).await?;
+        }
+        Ok(())
     }
 
     /// Pause, resume and resize need a hypervisor vmd speaks to.
