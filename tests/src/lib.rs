@@ -175,7 +175,7 @@ pub struct TestServer {
 
 impl TestServer {
     /// The daemon on `127.0.0.1:0`, no vsock, default limits, an empty
-    /// inventory.
+    /// inventory, and every authenticated identity a reader.
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
@@ -192,6 +192,9 @@ impl TestServer {
             tls: pki.server_paths(),
             ..Config::default()
         };
+        // Tests connect as many throwaway identities: let any of them read
+        // (production defaults to no rights; see the policy tests).
+        config.policy.default_role = Some(vmd_proto::Role::Reader);
         // An empty inventory of its own: never this machine's VMs.
         config.vms.inventory = vmd::inventory::InventorySource {
             state_dir: pki.dir.path().join("microvms"),

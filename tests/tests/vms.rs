@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use vmd::inventory::InventorySource;
+use vmd::policy::{IdentityRule, Scope};
 use vmd_client::{Client, ClientError};
 use vmd_proto::{ErrorReply, OperationStatus, Role, VmName, VmState};
 use vmd_tests::TestServer;
@@ -62,6 +63,9 @@ async fn rig(adjust: impl FnOnce(&mut vmd::Config)) -> Rig {
     let container = builder.boot().await;
     // What the host does at boot: microvms.target starts its VMs.
     container.systemctl(&["start", "microvms.target"]).await;
+    for name in [AUTO, GUARDED] {
+        wait_for_qmp(&host.socket(name)).await;
+    }
     let server = TestServer::start_with(|c| {
         c.vms.inventory = InventorySource {
             state_dir: host.state_dir(),
@@ -69,8 +73,14 @@ async fn rig(adjust: impl FnOnce(&mut vmd::Config)) -> Rig {
         };
         c.vms.systemd_bus = Some(container.bus_address());
         c.policy.identities = vec![
-            ("admin".into(), Some(Role::Admin)),
-            ("operator".into(), Some(Role::Operator)),
+            IdentityRule {
+                change: Scope::all(),
+                ..IdentityRule::new("admin", Some(Role::Admin))
+            },
+            IdentityRule {
+                change: Scope::all(),
+                ..IdentityRule::new("operator", Some(Role::Operator))
+            },
         ];
         adjust(c);
     })
@@ -123,6 +133,25 @@ impl Rig {
     async fn client(&self, identity: &str) -> Client {
         self.server.client(identity).await
     }
+}
+
+/// Waits until QEMU answers on `socket` (it opens it shortly after its
+/// unit turns active); fails after 30 s.
+async fn wait_for_qmp(socket: &Path) {
+    let ready = async {
+        loop {
+            if let Ok(stream) = UnixStream::connect(socket).await {
+                let mut lines = BufReader::new(stream).lines();
+                if let Ok(Some(_greeting)) = lines.next_line().await {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .unwrap_or_else(|_| panic!("QEMU never answered on {}", socket.display()));
 }
 
 /// One raw QMP command, outside vmd.

@@ -276,6 +276,10 @@ mod tests {
             ErrorReply::Failed {
                 reason: "job failed".into(),
             },
+            ErrorReply::LimitExceeded {
+                limit: "rate".into(),
+                retry_after_ms: Some(100),
+            },
         ]
     }
 

@@ -265,6 +265,14 @@ pub enum ErrorReply {
         /// What failed, in the backend's words.
         reason: String,
     },
+    /// A limit of this client was reached (request rate, connections).
+    #[error("limit exceeded: {limit}")]
+    LimitExceeded {
+        /// Which limit.
+        limit: String,
+        /// When a retry may succeed, in milliseconds, if known.
+        retry_after_ms: Option<u64>,
+    },
 }
 
 /// Host capabilities and resources.

@@ -33,7 +33,7 @@ pub enum Command {
 }
 
 /// Flags of `vmd serve` (and `vmd check-config`).
-#[derive(Debug, Default, Args)]
+#[derive(Clone, Debug, Default, Args)]
 pub struct ServeArgs {
     /// Config file [default: /etc/vmd/vmd.toml if it exists].
     #[arg(long, short, conflicts_with = "dev")]

@@ -19,6 +19,7 @@
 //! ca = "/var/lib/vmd/pki/ca.pem"
 //! cert = "/var/lib/vmd/pki/server.pem"
 //! key = "/var/lib/vmd/pki/server.key"
+//! crls = ["/var/lib/vmd/pki/crl.pem"]   # revoked client certificates (reloaded on SIGHUP)
 //!
 //! [limits]
 //! max_connections = 256
@@ -41,11 +42,20 @@
 //! qmp_timeout_secs = 5
 //!
 //! [policy]
-//! default_role = "reader"   # for authenticated identities not listed below
+//! default_role = "none"     # for identities no rule names: no rights (default)
+//!
+//! [policy.vsock]
+//! allowed_cids = [3, 4]     # only these guests may connect over vsock
 //!
 //! [[policy.identity]]
-//! name = "admin-laptop"     # the certificate's SAN DNS name (or CN)
-//! role = "admin"            # reader < operator < admin
+//! name = "gui-vm"           # the certificate's SAN DNS name (or CN)
+//! role = "operator"         # reader < operator < admin
+//! vms = ["gui-vm", "app-*"] # what the role may change (default: nothing)
+//! visible = ["*"]           # what it may see at all (default: everything)
+//! bind_vm = "gui-vm"        # vsock peers must be this VM (or bind_cid = 3)
+//! transports = ["vsock"]    # tcp, vsock (default: both)
+//! spki_sha256 = "…"         # pin the key (64 hex digits, `vmd pki show`)
+//! tcp_networks = ["10.0.0.0/8"]  # TCP peers must come from these networks
 //! ```
 
 use std::net::SocketAddr;
@@ -53,11 +63,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use vmd_proto::Role;
 use vmd_proto::frame::MAX_REQUEST_FRAME;
+use vmd_proto::{Role, VmName};
 
 use crate::inventory::InventorySource;
 use crate::ops::OperationLimits;
+use crate::policy::{Binding, IdentityRule, IpNet, Policy, Scope, Transport};
 
 /// Where the config file is read from when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmd/vmd.toml";
@@ -139,11 +150,22 @@ pub struct VmsFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
-    /// The role of authenticated identities not listed.
+    /// The role of authenticated identities no rule names (default none).
     pub default_role: Option<RoleName>,
+    /// `[policy.vsock]`
+    #[serde(default)]
+    pub vsock: VsockPolicyFile,
     /// `[[policy.identity]]`
     #[serde(default)]
     pub identity: Vec<IdentityFile>,
+}
+
+/// `[policy.vsock]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockPolicyFile {
+    /// Only these CIDs may connect over vsock.
+    pub allowed_cids: Option<Vec<u32>>,
 }
 
 /// `[[policy.identity]]`
@@ -154,6 +176,20 @@ pub struct IdentityFile {
     pub name: String,
     /// Its role.
     pub role: RoleName,
+    /// Pin: the certificate key's SPKI SHA-256, hex.
+    pub spki_sha256: Option<String>,
+    /// VMs the role may change (names and globs).
+    pub vms: Option<Vec<String>>,
+    /// VMs the identity may see (default all).
+    pub visible: Option<Vec<String>>,
+    /// vsock peers must be this VM (its CID from the inventory).
+    pub bind_vm: Option<VmName>,
+    /// vsock peers must have this CID.
+    pub bind_cid: Option<u32>,
+    /// Allowed transports (default all).
+    pub transports: Option<Vec<Transport>>,
+    /// TCP peers must be in these networks (CIDR).
+    pub tcp_networks: Option<Vec<String>>,
 }
 
 /// A role as written in the config file.
@@ -214,6 +250,8 @@ pub struct TlsFile {
     pub cert: Option<PathBuf>,
     /// The server private key.
     pub key: Option<PathBuf>,
+    /// Certificate revocation lists (PEM) of the CA.
+    pub crls: Option<Vec<PathBuf>>,
 }
 
 /// `[limits]`
@@ -301,35 +339,6 @@ impl Default for VmsConfig {
     }
 }
 
-/// Who may do what: identity → role.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    /// The role of authenticated identities not listed.
-    pub default_role: Option<Role>,
-    /// Listed identities and their roles.
-    pub identities: Vec<(String, Option<Role>)>,
-}
-
-impl Default for Policy {
-    /// Every authenticated identity may read; nobody may change anything.
-    fn default() -> Self {
-        Self {
-            default_role: Some(Role::Reader),
-            identities: Vec::new(),
-        }
-    }
-}
-
-impl Policy {
-    /// The role of an identity.
-    pub fn role_for(&self, identity: &str) -> Option<Role> {
-        self.identities
-            .iter()
-            .find(|(name, _)| name == identity)
-            .map_or(self.default_role, |(_, role)| *role)
-    }
-}
-
 /// The AF_VSOCK listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VsockConfig {
@@ -348,6 +357,8 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     /// Server private key.
     pub key: PathBuf,
+    /// CRLs honoured for client certificates.
+    pub crls: Vec<PathBuf>,
 }
 
 impl TlsPaths {
@@ -357,6 +368,7 @@ impl TlsPaths {
             ca: dir.join("ca.pem"),
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
+            crls: Vec::new(),
         }
     }
 }
@@ -488,6 +500,7 @@ impl Config {
             ca: file.tls.ca.unwrap_or(defaults.tls.ca),
             cert: file.tls.cert.unwrap_or(defaults.tls.cert),
             key: file.tls.key.unwrap_or(defaults.tls.key),
+            crls: file.tls.crls.unwrap_or_default(),
         };
         let d = Limits::default();
         let l = file.limits;
@@ -561,26 +574,7 @@ impl Config {
                 defaults.vms.qmp_timeout,
             )?,
         };
-        let mut identities = Vec::new();
-        for id in file.policy.identity {
-            if id.name.is_empty() {
-                return Err(invalid("policy.identity.name", "must not be empty"));
-            }
-            if identities.iter().any(|(name, _)| *name == id.name) {
-                return Err(invalid(
-                    "policy.identity.name",
-                    format!("{} is listed twice", id.name),
-                ));
-            }
-            identities.push((id.name, id.role.role()));
-        }
-        let policy = Policy {
-            default_role: file
-                .policy
-                .default_role
-                .map_or(defaults.policy.default_role, RoleName::role),
-            identities,
-        };
+        let policy = policy_from_file(file.policy)?;
         Ok(Self {
             tcp: file.listen.tcp.unwrap_or(defaults.tcp),
             vsock,
@@ -599,7 +593,10 @@ impl Config {
         Self {
             tls: TlsPaths::in_pki_dir(&dev_dir.join("pki")),
             policy: Policy {
-                identities: vec![(vmd_proto::dev::CLIENT_NAME.to_owned(), Some(Role::Admin))],
+                identities: vec![IdentityRule {
+                    change: Scope::all(),
+                    ..IdentityRule::new(vmd_proto::dev::CLIENT_NAME, Some(Role::Admin))
+                }],
                 ..Policy::default()
             },
             ..Self::default()
@@ -619,6 +616,79 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Validates `[policy]`.
+fn policy_from_file(file: PolicyFile) -> Result<Policy, ConfigError> {
+    let mut identities: Vec<IdentityRule> = Vec::new();
+    for id in file.identity {
+        if id.name.is_empty() {
+            return Err(invalid("policy.identity.name", "must not be empty"));
+        }
+        if identities.iter().any(|r| r.name == id.name) {
+            return Err(invalid(
+                "policy.identity.name",
+                format!("{} is listed twice", id.name),
+            ));
+        }
+        if let Some(pin) = &id.spki_sha256 {
+            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    "policy.identity.spki_sha256",
+                    format!("{}: expected 64 hex digits (see `vmd pki show`)", id.name),
+                ));
+            }
+        }
+        let binding = match (id.bind_vm, id.bind_cid) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "policy.identity.bind_vm",
+                    format!("{}: set bind_vm or bind_cid, not both", id.name),
+                ));
+            }
+            (Some(vm), None) => Some(Binding::Vm(vm)),
+            (None, Some(cid)) => Some(Binding::Cid(cid)),
+            (None, None) => None,
+        };
+        let scope = |key: &'static str, patterns: Option<Vec<String>>, default: Scope| {
+            let Some(patterns) = patterns else {
+                return Ok(default);
+            };
+            for p in &patterns {
+                let valid = !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.*?".contains(c));
+                if !valid {
+                    return Err(invalid(
+                        key,
+                        format!("{}: invalid VM pattern {p:?}", id.name),
+                    ));
+                }
+            }
+            Ok(Scope::of(patterns))
+        };
+        let mut tcp_networks = Vec::new();
+        for net in id.tcp_networks.unwrap_or_default() {
+            tcp_networks.push(net.parse::<IpNet>().map_err(|e| {
+                invalid("policy.identity.tcp_networks", format!("{}: {e}", id.name))
+            })?);
+        }
+        identities.push(IdentityRule {
+            spki_sha256: id.spki_sha256.map(|p| p.to_ascii_lowercase()),
+            role: id.role.role(),
+            visible: scope("policy.identity.visible", id.visible, Scope::all())?,
+            change: scope("policy.identity.vms", id.vms, Scope::none())?,
+            binding,
+            transports: id.transports,
+            tcp_networks,
+            name: id.name,
+        });
+    }
+    Ok(Policy {
+        identities,
+        default_role: file.default_role.and_then(RoleName::role),
+        vsock_allowed_cids: file.vsock.allowed_cids,
+    })
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -757,14 +827,21 @@ mod tests {
             inventory = "/srv/inventory.toml"
             max_concurrent_changes = 2
             systemd_bus = "unix:path=/tmp/bus"
-            [policy]
-            default_role = "none"
+            [policy.vsock]
+            allowed_cids = [3]
             [[policy.identity]]
             name = "admin-laptop"
             role = "admin"
+            vms = ["*"]
+            transports = ["tcp"]
+            tcp_networks = ["10.0.0.0/8"]
+            spki_sha256 = "ABababababababababababababababababababababababababababababababab"
             [[policy.identity]]
             name = "gui-vm"
             role = "operator"
+            vms = ["gui-vm", "app-*"]
+            visible = ["gui-vm", "app-*", "net-vm"]
+            bind_vm = "gui-vm"
             "#,
         )
         .expect("valid config");
@@ -777,20 +854,53 @@ mod tests {
             config.vms.systemd_bus.as_deref(),
             Some("unix:path=/tmp/bus")
         );
-        assert_eq!(config.policy.role_for("admin-laptop"), Some(Role::Admin));
-        assert_eq!(config.policy.role_for("gui-vm"), Some(Role::Operator));
-        assert_eq!(config.policy.role_for("stranger"), None);
-        assert_eq!(
-            Config::default().policy.role_for("stranger"),
-            Some(Role::Reader)
+        let policy = &config.policy;
+        assert_eq!(policy.default_role, None, "default deny");
+        assert_eq!(policy.vsock_allowed_cids, Some(vec![3]));
+        let admin = policy.rule("admin-laptop").expect("rule");
+        assert_eq!(admin.role, Some(Role::Admin));
+        assert_eq!(admin.transports, Some(vec![Transport::Tcp]));
+        assert!(
+            admin
+                .spki_sha256
+                .as_deref()
+                .is_some_and(|p| p.starts_with("abab"))
         );
+        let gui = policy.rule("gui-vm").expect("rule");
+        let vm = |n| VmName::new(n).expect("valid");
+        assert!(gui.change.contains(&vm("app-1")) && !gui.change.contains(&vm("net-vm")));
+        assert!(gui.visible.contains(&vm("net-vm")) && !gui.visible.contains(&vm("admin-vm")));
+        assert_eq!(gui.binding, Some(Binding::Vm(vm("gui-vm"))));
     }
 
     #[test]
     fn policy_errors_name_the_key() {
-        let err =
-            parse("[[policy.identity]]\nname = \"x\"\nrole = \"root\"\n").expect_err("bad role");
-        assert!(err.to_string().contains("root"), "{err}");
+        for (text, key) in [
+            ("name = \"x\"\nrole = \"root\"\n", "root"),
+            (
+                "name = \"x\"\nrole = \"admin\"\nspki_sha256 = \"abc\"\n",
+                "policy.identity.spki_sha256:",
+            ),
+            (
+                "name = \"x\"\nrole = \"admin\"\nbind_vm = \"a\"\nbind_cid = 3\n",
+                "policy.identity.bind_vm:",
+            ),
+            (
+                "name = \"x\"\nrole = \"admin\"\nvms = [\"a/b\"]\n",
+                "policy.identity.vms:",
+            ),
+            (
+                "name = \"x\"\nrole = \"admin\"\ntcp_networks = [\"10.0.0.0\"]\n",
+                "policy.identity.tcp_networks:",
+            ),
+            (
+                "name = \"x\"\nrole = \"admin\"\ntransports = [\"udp\"]\n",
+                "udp",
+            ),
+        ] {
+            let err = parse(&format!("[[policy.identity]]\n{text}")).expect_err(text);
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
         let twice = "[[policy.identity]]\nname = \"x\"\nrole = \"admin\"\n".repeat(2);
         let err = parse(&twice).expect_err("duplicate");
         assert!(

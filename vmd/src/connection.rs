@@ -4,10 +4,11 @@
 //!    handshake timeout; a failed or slow handshake just closes.
 //! 2. The verified certificate names the peer ([`PeerIdentity`]); peer and
 //!    identity go on the connection's tracing span, which every request
-//!    span nests in.
+//!    span nests in. The policy admits the peer (key pin, transport, vsock
+//!    CID binding) and grants it a role and scopes; refusals are audited.
 //! 3. `Hello` → `Welcome`, also within the handshake timeout. A wrong
-//!    protocol version or an unreadable `Hello` gets an error reply, then
-//!    the connection closes.
+//!    protocol version, an unreadable `Hello` or a policy refusal gets an
+//!    error reply, then the connection closes.
 //! 4. Requests are read and handled concurrently (pipelining), at most
 //!    `max_in_flight` at a time; responses go out as they finish, each
 //!    carrying its request id. A framed-but-undecodable request gets a
@@ -19,7 +20,7 @@
 //!    written within the write timeout, or at shutdown — after in-flight
 //!    requests have been answered.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
@@ -36,28 +37,71 @@ use vmd_proto::{
     ErrorReply, Hello, HelloReply, PROTOCOL_VERSION, Request, Response, Role, Welcome,
 };
 
-use crate::config::{Limits, Policy};
+use crate::audit::{self, Outcome};
+use crate::config::Limits;
 use crate::handler::Handler;
+use crate::policy::{Grant, Policy};
 use crate::tls::PeerIdentity;
 use crate::transport::PeerAddr;
 
-/// What the server knows about an authenticated client.
+/// What the server knows about an admitted client.
 #[derive(Debug)]
 pub struct Session {
     /// The verified certificate identity.
     pub identity: PeerIdentity,
     /// The transport peer.
     pub peer: PeerAddr,
+    /// What the policy grants it.
+    pub grant: Grant,
+}
+
+impl Session {
     /// The client's role, `None` for no rights.
-    pub role: Option<Role>,
+    pub fn role(&self) -> Option<Role> {
+        self.grant.role
+    }
+}
+
+/// What a reload replaces at once: TLS material (with CRLs) and policy.
+pub(crate) struct Reloadable {
+    pub(crate) tls: TlsAcceptor,
+    pub(crate) policy: Policy,
 }
 
 /// Shared by every connection of one server.
 pub(crate) struct ConnectionContext {
-    pub(crate) tls: TlsAcceptor,
     pub(crate) handler: Arc<Handler>,
     pub(crate) limits: Limits,
-    pub(crate) policy: Policy,
+    current: RwLock<Arc<Reloadable>>,
+}
+
+impl ConnectionContext {
+    pub(crate) fn new(handler: Arc<Handler>, limits: Limits, reloadable: Reloadable) -> Self {
+        Self {
+            handler,
+            limits,
+            current: RwLock::new(Arc::new(reloadable)),
+        }
+    }
+
+    /// The TLS material and policy in force now. A connection keeps the
+    /// snapshot it started with; a reload affects new connections.
+    pub(crate) fn current(&self) -> Arc<Reloadable> {
+        // Only `replace` writes, with a single assignment: a poisoned lock
+        // still holds a consistent value.
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Swaps in new TLS material and policy, atomically for new connections.
+    pub(crate) fn replace(&self, reloadable: Reloadable) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(reloadable);
+    }
 }
 
 impl std::fmt::Debug for ConnectionContext {
@@ -78,14 +122,21 @@ pub(crate) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = ctx.limits;
-    let tls = match timeout(limits.handshake_timeout, ctx.tls.accept(stream)).await {
+    let current = ctx.current();
+    let tls = match timeout(limits.handshake_timeout, current.tls.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             info!(%peer, error = %e, "TLS handshake refused");
+            audit::connection(&peer, None, &Outcome::Refused(format!("TLS: {e}")));
             return;
         }
         Err(_) => {
             info!(%peer, "TLS handshake timed out");
+            audit::connection(
+                &peer,
+                None,
+                &Outcome::Refused("TLS handshake timed out".into()),
+            );
             return;
         }
     };
@@ -93,20 +144,43 @@ pub(crate) async fn serve<S>(
         Ok(identity) => identity,
         Err(e) => {
             warn!(%peer, error = %e, "refusing peer without a usable identity");
+            audit::connection(&peer, None, &Outcome::Refused(e.to_string()));
             return;
         }
     };
     let span = info_span!("conn", %peer, identity = %identity.name);
-    let role = ctx.policy.role_for(&identity.name);
-    let session = Arc::new(Session {
-        identity,
-        peer,
-        role,
-    });
+    let admission = current
+        .policy
+        .admit(&identity, &peer, |vm| ctx.handler.cid_of(vm));
     async move {
         let codec = FrameCodec::<Hello, HelloReply>::new(limits.max_request_frame, MAX_REPLY_FRAME);
         let mut framed = Framed::new(tls, codec);
-        if greet(&mut framed, &session, &limits).await {
+        let session = match admission {
+            Ok(grant) => Session {
+                identity,
+                peer,
+                grant,
+            },
+            Err(denial) => {
+                warn!(reason = %denial, "connection refused by policy");
+                audit::connection(
+                    &peer,
+                    Some(&identity),
+                    &Outcome::Refused(denial.to_string()),
+                );
+                let refusal = ErrorReply::Forbidden {
+                    reason: denial.to_string(),
+                };
+                greet(&mut framed, &identity, Err(refusal), &limits).await;
+                return;
+            }
+        };
+        if !session.grant.matched {
+            info!("identity matches no policy rule; default role applies");
+        }
+        audit::connection(&peer, Some(&session.identity), &Outcome::Admitted);
+        let session = Arc::new(session);
+        if greet(&mut framed, &session.identity, Ok(session.role()), &limits).await {
             let framed = framed.map_codec(FrameCodec::retype::<Request, Response>);
             serve_requests(framed, &session, &ctx, &shutdown).await;
         }
@@ -115,10 +189,12 @@ pub(crate) async fn serve<S>(
     .await;
 }
 
-/// Reads `Hello` and answers it. Returns whether the session may go on.
+/// Reads `Hello` and answers it: `Welcome` with `admission`'s role, or
+/// `admission`'s refusal. Returns whether the session may go on.
 async fn greet<T>(
     framed: &mut Framed<T, FrameCodec<Hello, HelloReply>>,
-    session: &Session,
+    identity: &PeerIdentity,
+    admission: Result<Option<Role>, ErrorReply>,
     limits: &Limits,
 ) -> bool
 where
@@ -143,15 +219,15 @@ where
                 server: PROTOCOL_VERSION,
             })
         }
-        Ok(Some(Ok(Ok(hello)))) => {
-            info!(client = %hello.client_name.escape_debug(), "session started");
-            Ok(Welcome {
+        Ok(Some(Ok(Ok(hello)))) => admission.map(|role| {
+            info!(client = %hello.client_name.escape_debug(), ?role, "session started");
+            Welcome {
                 protocol: PROTOCOL_VERSION,
                 server_version: env!("CARGO_PKG_VERSION").to_owned(),
-                identity: session.identity.name.clone(),
-                role: session.role,
-            })
-        }
+                identity: identity.name.clone(),
+                role,
+            }
+        }),
     };
     let accepted = reply.is_ok();
     if let Err(e) = &reply {

@@ -2,7 +2,8 @@
 //! the one place internal errors become wire errors.
 //!
 //! 1. The client's role must cover the request (`reader` < `operator` <
-//!    `admin`).
+//!    `admin`); VMs outside its visible scope do not exist for it, and its
+//!    role only changes VMs in its change scope.
 //! 2. Reads (`Host`, `ListVms`, `GetVm`, operations) answer from the
 //!    backends on request; nothing is polled in between.
 //! 3. Changes need usable KVM on the host, then go to the VM service,
@@ -10,6 +11,7 @@
 //!    protected).
 //! 4. Every error becomes an [`ErrorReply`] in `impl From<HandlerError> for
 //!    ErrorReply`; backend details are logged there, never sent.
+//! 5. Every change and every denial is written to the audit log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use tracing::{Instrument, debug, error, info_span};
 use vmd_proto::{ErrorReply, Op, OperationId, Reply, Request, Response, Role, Virtualization};
 
+use crate::audit::{self, Outcome};
 use crate::backend::BackendError;
 use crate::connection::Session;
 use crate::host::HostProbe;
@@ -39,6 +42,14 @@ pub enum HandlerError {
     /// The request is valid but this daemon cannot serve it.
     #[error("{0}")]
     Unsupported(String),
+    /// The VM is outside the scope the client's role applies to.
+    #[error("{identity} may not change {vm}")]
+    OutOfScope {
+        /// The client.
+        identity: String,
+        /// The VM.
+        vm: String,
+    },
     /// The client's role does not allow this request.
     #[error("role {have} may not {op} (needs {need})")]
     Forbidden {
@@ -72,9 +83,11 @@ impl From<HandlerError> for ErrorReply {
                 what: format!("operation {id}"),
             },
             HandlerError::Unsupported(reason) => ErrorReply::Unsupported { reason },
-            e @ HandlerError::Forbidden { .. } => ErrorReply::Forbidden {
-                reason: e.to_string(),
-            },
+            e @ (HandlerError::Forbidden { .. } | HandlerError::OutOfScope { .. }) => {
+                ErrorReply::Forbidden {
+                    reason: e.to_string(),
+                }
+            }
         }
     }
 }
@@ -170,12 +183,18 @@ impl Handler {
         Self { host, vms }
     }
 
+    /// The vsock CID the inventory declares for a VM (for vsock binding).
+    pub fn cid_of(&self, vm: &vmd_proto::VmName) -> Option<u32> {
+        self.vms.cid_of(vm)
+    }
+
     /// Answers one request. Never fails: errors become the response.
+    /// Changes and denials are audited.
     pub async fn handle(self: Arc<Self>, session: Arc<Session>, request: Request) -> Response {
         let span = info_span!("request", id = request.id, op = request.body.name());
-        let id = request.id;
+        let Request { id, body } = request;
         let result = self
-            .dispatch(&session, request.body)
+            .dispatch(&session, body.clone())
             .instrument(span.clone())
             .await;
         let result = result.map_err(|err| {
@@ -183,27 +202,39 @@ impl Handler {
             debug!(error = %err, "request failed");
             ErrorReply::from(err)
         });
+        if audit::is_audited(&body, &result) {
+            let outcome = match &result {
+                Ok(Reply::Accepted(op)) => Outcome::Accepted(op.id),
+                Ok(_) => Outcome::Admitted,
+                Err(e) => Outcome::Refused(e.to_string()),
+            };
+            audit::request(&session.identity, &session.peer, &body, &outcome);
+        }
         Response { id, result }
     }
 
     async fn dispatch(&self, session: &Session, op: Op) -> Result<Reply, HandlerError> {
         let need = required_role(&op);
-        if session.role < Some(need) {
+        if session.role() < Some(need) {
             return Err(HandlerError::Forbidden {
                 op: op.name(),
-                have: RoleName(session.role),
+                have: RoleName(session.role()),
                 need,
             });
         }
+        let grant = &session.grant;
+        let me = session.identity.name.as_str();
         let change = match op {
             Op::Host => return Ok(Reply::Host(self.host.probe())),
-            Op::ListVms => return Ok(Reply::Vms(self.vms.list().await?)),
-            Op::GetVm { name } => return Ok(Reply::Vm(self.vms.get(&name).await?)),
+            Op::ListVms => return Ok(Reply::Vms(self.vms.list(&grant.visible, me).await?)),
+            Op::GetVm { name } => {
+                return Ok(Reply::Vm(self.vms.get(&name, &grant.visible, me).await?));
+            }
             Op::GetOperation { id } => {
                 return self
                     .vms
                     .operations()
-                    .get(id)
+                    .get(id, me)
                     .map(Reply::Operation)
                     .ok_or(HandlerError::UnknownOperation(id));
             }
@@ -212,7 +243,7 @@ impl Handler {
                 return self
                     .vms
                     .operations()
-                    .wait(id, timeout)
+                    .wait(id, timeout, me)
                     .await
                     .map(Reply::Operation)
                     .ok_or(HandlerError::UnknownOperation(id));
@@ -243,13 +274,23 @@ impl Handler {
                 memory,
             } => (name, Change::Resize { vcpus, memory }),
         };
+        let (name, change) = change;
+        // Outside the visible scope a VM does not exist for this client.
+        if !grant.visible.contains(&name) {
+            return Err(VmError::NotFound(name).into());
+        }
+        if !grant.change.contains(&name) {
+            return Err(HandlerError::OutOfScope {
+                identity: me.to_owned(),
+                vm: name.to_string(),
+            });
+        }
         if let Virtualization::Unavailable { reason } = self.host.probe().virtualization {
             return Err(HandlerError::Unsupported(format!(
                 "VMs cannot be changed on this host: {reason}"
             )));
         }
-        let (name, change) = change;
-        Ok(Reply::Accepted(self.vms.change(&name, change).await?))
+        Ok(Reply::Accepted(self.vms.change(&name, change, me).await?))
     }
 }
 
@@ -260,6 +301,7 @@ mod tests {
     use vmd_proto::{OperationId, VmName};
 
     use super::*;
+    use crate::policy::{Grant, Scope};
     use crate::tls::PeerIdentity;
     use crate::transport::PeerAddr;
     use crate::vms::tests::{Fixture, fixture};
@@ -271,7 +313,12 @@ mod tests {
                 spki_sha256: String::new(),
             },
             peer: PeerAddr::Tcp("127.0.0.1:1".parse().expect("addr")),
-            role,
+            grant: Grant {
+                role,
+                visible: Scope::all(),
+                change: Scope::all(),
+                matched: true,
+            },
         })
     }
 

@@ -13,12 +13,19 @@
 //! - [`tls`]: the rustls server config and peer identity from certificates.
 //! - [`connection`]: one connection: handshake, `Hello`, pipelined requests.
 //! - [`handler`]: the routing `match` from request to answer; error mapping.
+//! - [`policy`]: identities, roles, scopes, transport and vsock binding.
+//! - [`audit`]: the audit log of changes and denials.
+//! - [`inventory`]: the VMs the host declares (microvm.nix, inventory file).
+//! - [`vms`]: VM facts and changes over the backends.
+//! - [`ops`]: operations, busy semantics, waiting.
+//! - [`backend`]: systemd over D-Bus and QEMU QMP behind small traits.
 //! - [`host`]: the host probe (KVM via `kvm-ioctls`, `/proc`).
 //! - [`pki`]: the CA and certificates (`vmd pki …`), rcgen.
 //! - [`logging`]: `tracing` output, plain or JSON.
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod backend;
 pub mod cli;
 pub mod config;
@@ -29,10 +36,11 @@ pub mod inventory;
 pub mod logging;
 pub mod ops;
 pub mod pki;
+pub mod policy;
 pub mod server;
 pub mod tls;
 pub mod transport;
 pub mod vms;
 
 pub use config::Config;
-pub use server::{Server, ServerError, run};
+pub use server::{Server, ServerError, ServerHandle, run};

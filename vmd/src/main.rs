@@ -6,7 +6,8 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing::{info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
 use vmd::cli::{Cli, Command, Serve, ServeArgs};
 use vmd::pki::{self, EnsureSpec, PkiLayout};
 
@@ -30,7 +31,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let Serve {
         config,
         dev_pki_dir,
-    } = Serve::try_from(args)?;
+    } = Serve::try_from(args.clone())?;
     vmd::logging::init(&config.log);
     if let Some(dir) = dev_pki_dir {
         let report = pki::ensure(&PkiLayout::new(&dir), &EnsureSpec::dev())?;
@@ -49,15 +50,35 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         // Handlers go in before anything binds, so a SIGTERM right after
         // start-up still shuts down gracefully.
         let shutdown = shutdown_signal()?;
-        match vmd::run(&config, shutdown).await {
-            Err(e @ vmd::ServerError::Tls(_)) => Err(format!(
-                "{}\n(hint: create certificates with `vmd pki ensure --dir {}`, or try `vmd serve --dev`)",
-                vmd_proto::error_chain(&e),
-                config.tls.ca.parent().unwrap_or(std::path::Path::new(".")).display()
-            )
-            .into()),
-            other => Ok(other?),
-        }
+        let mut hangup = signal(SignalKind::hangup())?;
+        let server = match vmd::Server::bind(&config).await {
+            Ok(server) => server,
+            Err(e @ vmd::ServerError::Tls(_)) => {
+                return Err(format!(
+                    "{}\n(hint: create certificates with `vmd pki ensure --dir {}`, or try `vmd serve --dev`)",
+                    vmd_proto::error_chain(&e),
+                    config.tls.ca.parent().unwrap_or(std::path::Path::new(".")).display()
+                )
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let handle = server.handle();
+        // SIGHUP: re-read the config (certificates, CRLs, policy) and swap
+        // it in; a broken file leaves the running configuration in place.
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                info!("SIGHUP received: reloading");
+                let reloaded = Serve::try_from(args.clone())
+                    .map_err(Box::<dyn Error>::from)
+                    .and_then(|serve| Ok(handle.reload(&serve.config)?));
+                if let Err(e) = reloaded {
+                    error!(error = %vmd_proto::error_chain(e.as_ref()), "reload failed; keeping the running configuration");
+                }
+            }
+        });
+        server.run(shutdown).await;
+        Ok(())
     })
 }
 
@@ -78,7 +99,6 @@ fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
 
 /// Installs SIGTERM and SIGINT handlers; the future resolves on either.
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     Ok(async move {

@@ -60,6 +60,8 @@ pub struct Busy {
 #[derive(Debug)]
 struct Record {
     info: OperationInfo,
+    /// The identity that asked for the change; only it sees the operation.
+    owner: String,
     /// Flips to `true` when the operation ends.
     done: watch::Sender<bool>,
     finished_at: Option<Instant>,
@@ -112,7 +114,12 @@ impl Operations {
     /// # Errors
     /// [`Busy`] if the VM has a change running or the host-wide cap is
     /// reached.
-    pub fn begin(&self, vm: &VmName, kind: OperationKind) -> Result<OperationGuard, Busy> {
+    pub fn begin(
+        &self,
+        vm: &VmName,
+        kind: OperationKind,
+        owner: &str,
+    ) -> Result<OperationGuard, Busy> {
         let mut state = self.lock();
         if let Some(id) = state.running.get(vm) {
             let info = &state.records[id].info;
@@ -151,6 +158,7 @@ impl Operations {
             id,
             Record {
                 info: info.clone(),
+                owner: owner.to_owned(),
                 done,
                 finished_at: None,
             },
@@ -205,30 +213,43 @@ impl Operations {
         state.finished.push_back(id);
     }
 
-    /// An operation's current state.
-    pub fn get(&self, id: OperationId) -> Option<OperationInfo> {
-        self.lock().records.get(&id).map(|r| r.info.clone())
+    /// An operation's current state, if `viewer` owns it. Others' operations
+    /// are not disclosed: for them the id is unknown.
+    pub fn get(&self, id: OperationId, viewer: &str) -> Option<OperationInfo> {
+        self.lock()
+            .records
+            .get(&id)
+            .filter(|r| r.owner == viewer)
+            .map(|r| r.info.clone())
     }
 
-    /// The change running on `vm`, if any.
-    pub fn pending(&self, vm: &VmName) -> Option<PendingOperation> {
+    /// The change running on `vm`, if any; its id only for its owner.
+    pub fn pending(&self, vm: &VmName, viewer: &str) -> Option<PendingOperation> {
         let state = self.lock();
-        let id = state.running.get(vm)?;
-        let info = &state.records[id].info;
+        let record = &state.records[state.running.get(vm)?];
         Some(PendingOperation {
-            id: Some(info.id),
-            kind: info.kind,
-            since_unix_ms: info.started_unix_ms,
+            id: (record.owner == viewer).then_some(record.info.id),
+            kind: record.info.kind,
+            since_unix_ms: record.info.started_unix_ms,
         })
     }
 
-    /// Waits until the operation ends or `timeout` passes; returns its
-    /// state then (`None` if unknown).
-    pub async fn wait(&self, id: OperationId, timeout: Duration) -> Option<OperationInfo> {
-        let mut done = self.lock().records.get(&id)?.done.subscribe();
+    /// Waits until `viewer`'s operation ends or `timeout` passes; returns
+    /// its state then (`None` if unknown to `viewer`).
+    pub async fn wait(
+        &self,
+        id: OperationId,
+        timeout: Duration,
+        viewer: &str,
+    ) -> Option<OperationInfo> {
+        let mut done = {
+            let state = self.lock();
+            let record = state.records.get(&id).filter(|r| r.owner == viewer)?;
+            record.done.subscribe()
+        };
         // Err only if the record (and its sender) was pruned meanwhile.
         let _ = tokio::time::timeout(timeout, done.wait_for(|d| *d)).await;
-        self.get(id)
+        self.get(id, viewer)
     }
 }
 
@@ -293,22 +314,26 @@ mod tests {
     #[test]
     fn second_change_to_a_vm_is_busy_at_once() {
         let ops = registry(8);
-        let first = ops.begin(&vm("a"), OperationKind::Start).expect("free");
+        let first = ops
+            .begin(&vm("a"), OperationKind::Start, "me")
+            .expect("free");
         let busy = ops
-            .begin(&vm("a"), OperationKind::Shutdown)
+            .begin(&vm("a"), OperationKind::Shutdown, "me")
             .expect_err("busy");
         assert_eq!(busy.vm, "a");
         assert_eq!(busy.kind, OperationKind::Start);
         assert_eq!(busy.since_unix_ms, first.info().started_unix_ms);
         // Another VM is not affected.
-        let _other = ops.begin(&vm("b"), OperationKind::Start).expect("free");
+        let _other = ops
+            .begin(&vm("b"), OperationKind::Start, "me")
+            .expect("free");
         assert_eq!(
-            ops.pending(&vm("a")).map(|p| p.kind),
+            ops.pending(&vm("a"), "me").map(|p| p.kind),
             Some(OperationKind::Start)
         );
         first.finish(Ok(()));
-        assert_eq!(ops.pending(&vm("a")), None);
-        ops.begin(&vm("a"), OperationKind::Shutdown)
+        assert_eq!(ops.pending(&vm("a"), "me"), None);
+        ops.begin(&vm("a"), OperationKind::Shutdown, "me")
             .expect("released")
             .finish(Ok(()));
     }
@@ -316,35 +341,61 @@ mod tests {
     #[test]
     fn abandoned_claims_leave_no_trace() {
         let ops = registry(8);
-        let guard = ops.begin(&vm("a"), OperationKind::Start).expect("free");
+        let guard = ops
+            .begin(&vm("a"), OperationKind::Start, "me")
+            .expect("free");
         let id = guard.info().id;
         guard.abandon();
-        assert_eq!(ops.get(id), None);
-        assert_eq!(ops.pending(&vm("a")), None);
-        ops.begin(&vm("a"), OperationKind::Start)
+        assert_eq!(ops.get(id, "me"), None);
+        assert_eq!(ops.pending(&vm("a"), "me"), None);
+        ops.begin(&vm("a"), OperationKind::Start, "me")
             .expect("released")
             .finish(Ok(()));
     }
 
     #[test]
+    fn operations_are_private_to_their_owner() {
+        let ops = registry(8);
+        let guard = ops
+            .begin(&vm("a"), OperationKind::Start, "gui-vm")
+            .expect("free");
+        let id = guard.info().id;
+        assert!(ops.get(id, "gui-vm").is_some());
+        assert_eq!(ops.get(id, "other"), None);
+        let seen_by_other = ops.pending(&vm("a"), "other").expect("busy is visible");
+        assert_eq!(seen_by_other.id, None, "but not whose or which operation");
+        assert_eq!(seen_by_other.kind, OperationKind::Start);
+        assert_eq!(ops.pending(&vm("a"), "gui-vm").and_then(|p| p.id), Some(id));
+        guard.finish(Ok(()));
+    }
+
+    #[test]
     fn host_wide_cap_answers_busy() {
         let ops = registry(2);
-        let _a = ops.begin(&vm("a"), OperationKind::Start).expect("free");
-        let _b = ops.begin(&vm("b"), OperationKind::Restart).expect("free");
-        let busy = ops.begin(&vm("c"), OperationKind::Start).expect_err("cap");
+        let _a = ops
+            .begin(&vm("a"), OperationKind::Start, "me")
+            .expect("free");
+        let _b = ops
+            .begin(&vm("b"), OperationKind::Restart, "me")
+            .expect("free");
+        let busy = ops
+            .begin(&vm("c"), OperationKind::Start, "me")
+            .expect_err("cap");
         assert_eq!(busy.vm, "*");
     }
 
     #[test]
     fn dropped_guard_fails_and_releases() {
         let ops = registry(8);
-        let guard = ops.begin(&vm("a"), OperationKind::Resize).expect("free");
+        let guard = ops
+            .begin(&vm("a"), OperationKind::Resize, "me")
+            .expect("free");
         let id = guard.info().id;
         drop(guard);
-        let info = ops.get(id).expect("kept");
+        let info = ops.get(id, "me").expect("kept");
         assert_eq!(info.status, OperationStatus::Failed(ErrorReply::Internal));
         assert!(info.finished_unix_ms.is_some());
-        ops.begin(&vm("a"), OperationKind::Resize)
+        ops.begin(&vm("a"), OperationKind::Resize, "me")
             .expect("released")
             .finish(Ok(()));
     }
@@ -357,14 +408,16 @@ mod tests {
         });
         let mut ids = Vec::new();
         for _ in 0..5 {
-            let guard = ops.begin(&vm("a"), OperationKind::Start).expect("free");
+            let guard = ops
+                .begin(&vm("a"), OperationKind::Start, "me")
+                .expect("free");
             ids.push(guard.info().id);
             guard.finish(Err(ErrorReply::Timeout));
         }
-        assert!(ops.get(ids[0]).is_none(), "oldest pruned");
-        assert!(ops.get(ids[4]).is_some(), "newest kept");
+        assert!(ops.get(ids[0], "me").is_none(), "oldest pruned");
+        assert!(ops.get(ids[4], "me").is_some(), "newest kept");
         assert_eq!(
-            ops.get(ids[4]).map(|i| i.status),
+            ops.get(ids[4], "me").map(|i| i.status),
             Some(OperationStatus::Failed(ErrorReply::Timeout))
         );
     }
@@ -372,11 +425,13 @@ mod tests {
     #[tokio::test]
     async fn wait_is_woken_by_the_end() {
         let ops = registry(8);
-        let guard = ops.begin(&vm("a"), OperationKind::Start).expect("free");
+        let guard = ops
+            .begin(&vm("a"), OperationKind::Start, "me")
+            .expect("free");
         let id = guard.info().id;
         let waiter = tokio::spawn({
             let ops = ops.clone();
-            async move { ops.wait(id, Duration::from_secs(60)).await }
+            async move { ops.wait(id, Duration::from_secs(60), "me").await }
         });
         tokio::task::yield_now().await;
         guard.finish(Ok(()));
@@ -387,14 +442,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wait_times_out_with_the_running_state() {
         let ops = registry(8);
-        let guard = ops.begin(&vm("a"), OperationKind::Start).expect("free");
+        let guard = ops
+            .begin(&vm("a"), OperationKind::Start, "me")
+            .expect("free");
         let info = ops
-            .wait(guard.info().id, Duration::from_secs(5))
+            .wait(guard.info().id, Duration::from_secs(5), "me")
             .await
             .expect("known");
         assert_eq!(info.status, OperationStatus::Running);
         assert!(
-            ops.wait(OperationId(999), Duration::from_secs(1))
+            ops.wait(OperationId(999), Duration::from_secs(1), "me")
                 .await
                 .is_none()
         );

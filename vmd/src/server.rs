@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::backend::qmp::Qmp;
 use crate::backend::systemd::Systemd;
 use crate::config::{Config, ConfigError};
-use crate::connection::{self, ConnectionContext};
+use crate::connection::{self, ConnectionContext, Reloadable};
 use crate::handler::Handler;
 use crate::host::HostProbe;
 use crate::ops::Operations;
@@ -79,8 +79,7 @@ impl Server {
     /// configured, or a TCP (or required vsock) listener cannot be bound.
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         config.check_listeners()?;
-        let tls = TlsAcceptor::from(tls::server_config(&config.tls)?);
-        warn_about_expiry(&config.tls);
+        let reloadable = reloadable(config)?;
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for &addr in &config.tcp {
@@ -135,13 +134,15 @@ impl Server {
         Ok(Self {
             listeners,
             addrs,
-            ctx: Arc::new(ConnectionContext {
-                tls,
-                handler,
-                limits: config.limits,
-                policy: config.policy.clone(),
-            }),
+            ctx: Arc::new(ConnectionContext::new(handler, config.limits, reloadable)),
         })
+    }
+
+    /// A handle to reload the running server.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            ctx: self.ctx.clone(),
+        }
     }
 
     /// The bound addresses (with kernel-chosen ports filled in).
@@ -183,6 +184,42 @@ impl Server {
         }
         info!("stopped");
     }
+}
+
+/// Reloads a running server's TLS material and policy (SIGHUP).
+#[derive(Clone, Debug)]
+pub struct ServerHandle {
+    ctx: Arc<ConnectionContext>,
+}
+
+impl ServerHandle {
+    /// Loads certificates, key, CRLs and policy from `config` and swaps
+    /// them in at once for new connections. Listeners and limits are not
+    /// reloaded (they need a restart).
+    ///
+    /// # Errors
+    /// [`ServerError`] if the new TLS material is unusable; the old TLS
+    /// material and policy then stay in force.
+    pub fn reload(&self, config: &Config) -> Result<(), ServerError> {
+        let new = reloadable(config)?;
+        self.ctx.replace(new);
+        info!(
+            identities = config.policy.identities.len(),
+            crls = config.tls.crls.len(),
+            "reloaded certificates, CRLs and policy"
+        );
+        Ok(())
+    }
+}
+
+/// TLS material and policy from `config`, checked before use.
+fn reloadable(config: &Config) -> Result<Reloadable, ServerError> {
+    let tls = TlsAcceptor::from(tls::server_config(&config.tls)?);
+    warn_about_expiry(&config.tls);
+    Ok(Reloadable {
+        tls,
+        policy: config.policy.clone(),
+    })
 }
 
 /// How far ahead certificate expiry is announced in the log.

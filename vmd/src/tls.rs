@@ -1,10 +1,10 @@
 //! The TLS server: TLS 1.3 only, client certificate mandatory.
 //!
-//! 1. [`server_config`] loads the CA, the server chain and key (PEM, parsed
-//!    with `rustls-pki-types`) and builds a rustls `ServerConfig` whose
-//!    client verifier is `WebPkiClientVerifier` over that CA: a client
-//!    without a certificate, with one from another CA, or with an expired
-//!    one fails the handshake.
+//! 1. [`server_config`] loads the CA, the server chain and key and any
+//!    CRLs (PEM, parsed with `rustls-pki-types`) and builds a rustls
+//!    `ServerConfig` whose client verifier is `WebPkiClientVerifier` over
+//!    that CA and those CRLs: a client without a certificate, with one from
+//!    another CA, an expired one or a revoked one fails the handshake.
 //! 2. After the handshake, [`PeerIdentity::from_certificate`] names the
 //!    peer by its verified leaf: the first SAN DNS name, else the subject
 //!    CN, plus the SHA-256 fingerprint of its public key.
@@ -17,7 +17,7 @@ use rustls::RootCertStore;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use x509_parser::extensions::GeneralName;
 
 use crate::config::TlsPaths;
@@ -116,7 +116,19 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
             source,
         })?;
     }
+    let mut crls = Vec::new();
+    for path in &paths.crls {
+        let pem_err = |source| TlsError::Pem {
+            what: "certificate revocation list",
+            path: path.clone(),
+            source,
+        };
+        for crl in CertificateRevocationListDer::pem_file_iter(path).map_err(pem_err)? {
+            crls.push(crl.map_err(pem_err)?);
+        }
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
         .build()
         .map_err(|source| TlsError::Verifier {
             path: paths.ca.clone(),

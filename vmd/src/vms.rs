@@ -31,11 +31,13 @@ use vmd_proto::{
     VmName, VmState,
 };
 
+use crate::audit;
 use crate::backend::{
     ActiveState, BackendError, LiveState, RunState, UnitStatus, Units, VmControl,
 };
 use crate::inventory::{AUTOSTART_TARGET, InventoryError, InventorySource, VmSpec};
 use crate::ops::{Busy, Operations};
+use crate::policy::Scope;
 
 /// The smallest memory a resize may ask for.
 pub const MIN_MEMORY: Bytes = Bytes::mib(128);
@@ -167,23 +169,45 @@ impl VmService {
         &self.ops
     }
 
-    /// Every VM, sorted by name, gathered concurrently.
+    /// Every VM in `visible`, sorted by name, gathered concurrently, as
+    /// `viewer` may see them.
     ///
     /// # Errors
     /// [`VmError::Inventory`] if the inventory file is broken. Backend
     /// failures do not fail the list: the affected fields read unknown.
-    pub async fn list(&self) -> Result<Vec<VmInfo>, VmError> {
+    pub async fn list(&self, visible: &Scope, viewer: &str) -> Result<Vec<VmInfo>, VmError> {
         let specs = self.inventory.load()?;
-        Ok(join_all(specs.iter().map(|spec| self.info(spec))).await)
+        let specs = specs.iter().filter(|spec| visible.contains(&spec.name));
+        Ok(join_all(specs.map(|spec| self.info(spec, viewer))).await)
     }
 
-    /// One VM.
+    /// One VM, if it is in `visible`.
     ///
     /// # Errors
-    /// [`VmError::NotFound`] if the host does not declare it.
-    pub async fn get(&self, name: &VmName) -> Result<VmInfo, VmError> {
+    /// [`VmError::NotFound`] if the host does not declare it, or it is
+    /// outside `visible` (indistinguishable on purpose).
+    pub async fn get(
+        &self,
+        name: &VmName,
+        visible: &Scope,
+        viewer: &str,
+    ) -> Result<VmInfo, VmError> {
+        if !visible.contains(name) {
+            return Err(VmError::NotFound(name.clone()));
+        }
         let spec = self.spec(name)?;
-        Ok(self.info(&spec).await)
+        Ok(self.info(&spec, viewer).await)
+    }
+
+    /// The vsock CID the inventory declares for `name`.
+    pub fn cid_of(&self, name: &VmName) -> Option<u32> {
+        match self.inventory.get(name) {
+            Ok(spec) => spec.and_then(|s| s.vsock_cid).map(|cid| cid.0),
+            Err(e) => {
+                warn!(error = %vmd_proto::error_chain(&e), "inventory unreadable for a CID lookup");
+                None
+            }
+        }
     }
 
     fn spec(&self, name: &VmName) -> Result<VmSpec, VmError> {
@@ -193,7 +217,7 @@ impl VmService {
     }
 
     /// Gathers one VM's facts (step 2 and 3 of the module docs).
-    async fn info(&self, spec: &VmSpec) -> VmInfo {
+    async fn info(&self, spec: &VmSpec, viewer: &str) -> VmInfo {
         let live = async {
             match &spec.control_socket {
                 Some(socket) if socket.exists() => Some(self.control.query(socket).await),
@@ -219,7 +243,7 @@ impl VmService {
         };
         let mut info = vm_info(spec, status.ok().as_ref(), live.as_ref(), now_usec());
         info.autostart = autostart.ok();
-        info.pending = self.ops.pending(&spec.name);
+        info.pending = self.ops.pending(&spec.name, viewer);
         info
     }
 
@@ -227,18 +251,24 @@ impl VmService {
     ///
     /// # Errors
     /// [`VmError`] when the change cannot begin (see module docs).
-    pub async fn change(&self, name: &VmName, change: Change) -> Result<OperationInfo, VmError> {
+    pub async fn change(
+        &self,
+        name: &VmName,
+        change: Change,
+        owner: &str,
+    ) -> Result<OperationInfo, VmError> {
         let spec = self.spec(name)?;
         if spec.protected {
             return Err(VmError::Protected(spec.name));
         }
-        let guard = self.ops.begin(name, change.kind())?;
+        let guard = self.ops.begin(name, change.kind(), owner)?;
         if let Err(e) = self.check(&spec, &change).await {
             guard.abandon();
             return Err(e);
         }
         let accepted = guard.info().clone();
         let service = self.clone();
+        let owner = owner.to_owned();
         let span = info_span!("operation", id = %accepted.id, vm = %name, kind = %accepted.kind);
         tokio::spawn(
             async move {
@@ -248,7 +278,16 @@ impl VmService {
                     Ok(()) => info!("succeeded"),
                     Err(e) => warn!(error = %e, "failed"),
                 }
-                guard.finish(result.map_err(ErrorReply::from));
+                let result = result.map_err(ErrorReply::from);
+                let kind = guard.info().kind.to_string();
+                audit::finished(
+                    &owner,
+                    spec.name.as_str(),
+                    guard.info().id,
+                    &kind,
+                    &audit::Outcome::Finished(result.clone()),
+                );
+                guard.finish(result);
             }
             .instrument(span),
         );
@@ -281,6 +320,43 @@ impl VmService {
             self.check_resize(spec, *vcpus, *memory).await?;
         }
         Ok(())
+    }
+
+    /// After a start, waits until the hypervisor answers on its control
+    /// socket, so a succeeded start means a VM that can be queried and
+    /// resized. A unit of `Type=simple` is "active" the moment its process
+    /// is forked, before QEMU has opened its socket. This retries with a
+    /// growing pause only while a start operation runs (the caller's
+    /// deadline bounds it); an idle daemon never does it.
+    async fn await_control(&self, spec: &VmSpec) -> Result<(), VmError> {
+        let Some(socket) = spec.control_socket.as_deref() else {
+            return Ok(());
+        };
+        if spec.hypervisor != Some(Hypervisor::Qemu) {
+            return Ok(());
+        }
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.control.query(socket).await {
+                Ok(_) => return Ok(()),
+                Err(BackendError::Unavailable(_) | BackendError::SocketBusy(_)) => {
+                    // The unit may have died meanwhile: then say so.
+                    let status = self.units.status(&spec.unit).await?;
+                    if !matches!(
+                        status.active_state,
+                        ActiveState::Active | ActiveState::Activating
+                    ) {
+                        return Err(VmError::Backend(BackendError::JobFailed {
+                            unit: spec.unit.clone(),
+                            result: format!("stopped during start ({})", status.sub_state),
+                        }));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Pause, resume and resize need a hypervisor vmd speaks to.
@@ -356,7 +432,10 @@ impl VmService {
         let socket = || socket.ok_or_else(|| VmError::Unsupported("no control socket".into()));
         let work = async {
             match change {
-                Change::Start => self.units.start(unit, d.start).await?,
+                Change::Start => {
+                    self.units.start(unit, d.start).await?;
+                    self.await_control(spec).await?;
+                }
                 Change::Shutdown { force: true, .. } => {
                     self.units.kill(unit, d.kill).await?;
                     // A unit with Restart= (microvm.nix sets it) comes back
@@ -367,7 +446,10 @@ impl VmService {
                     force: false,
                     timeout,
                 } => self.units.stop(unit, timeout.unwrap_or(d.shutdown)).await?,
-                Change::Restart => self.units.restart(unit, d.restart).await?,
+                Change::Restart => {
+                    self.units.restart(unit, d.restart).await?;
+                    self.await_control(spec).await?;
+                }
                 Change::Pause => self.control.pause(socket()?).await?,
                 Change::Resume => self.control.resume(socket()?).await?,
                 Change::Resize { vcpus, memory } => {
@@ -565,7 +647,7 @@ pub(crate) mod tests {
     async fn finish(service: &VmService, op: &OperationInfo) -> OperationStatus {
         service
             .operations()
-            .wait(op.id, Duration::from_secs(10))
+            .wait(op.id, Duration::from_secs(10), "me")
             .await
             .expect("known")
             .status
@@ -574,7 +656,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn list_tells_the_truth() {
         let f = fixture(None);
-        let vms = f.service.list().await.expect("lists");
+        let vms = f.service.list(&Scope::all(), "me").await.expect("lists");
         let names: Vec<_> = vms.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["admin-vm", "app-vm", "chv"]);
         let admin = &vms[0];
@@ -599,7 +681,11 @@ pub(crate) mod tests {
     async fn systemd_down_reads_unknown_not_invented() {
         let f = fixture(None);
         *f.units.down.lock().expect("lock") = true;
-        let admin = f.service.get(&vm("admin-vm")).await.expect("still answers");
+        let admin = f
+            .service
+            .get(&vm("admin-vm"), &Scope::all(), "me")
+            .await
+            .expect("still answers");
         assert_eq!(admin.state, VmState::Unknown);
         assert_eq!(admin.pid, None);
         assert_eq!(
@@ -607,7 +693,7 @@ pub(crate) mod tests {
             "live facts need a known-running unit"
         );
         assert!(matches!(
-            f.service.change(&vm("app-vm"), Change::Start).await,
+            f.service.change(&vm("app-vm"), Change::Start, "me").await,
             Err(VmError::Backend(BackendError::Unavailable(_)))
         ));
     }
@@ -617,13 +703,17 @@ pub(crate) mod tests {
         let f = fixture(None);
         let op = f
             .service
-            .change(&vm("app-vm"), Change::Start)
+            .change(&vm("app-vm"), Change::Start, "me")
             .await
             .expect("accepted");
         assert_eq!(op.kind, OperationKind::Start);
         assert_eq!(finish(&f.service, &op).await, OperationStatus::Succeeded);
         assert_eq!(
-            f.service.get(&vm("app-vm")).await.expect("get").state,
+            f.service
+                .get(&vm("app-vm"), &Scope::all(), "me")
+                .await
+                .expect("get")
+                .state,
             VmState::Running
         );
         let stop = Change::Shutdown {
@@ -632,7 +722,7 @@ pub(crate) mod tests {
         };
         let op = f
             .service
-            .change(&vm("app-vm"), stop)
+            .change(&vm("app-vm"), stop, "me")
             .await
             .expect("accepted");
         assert_eq!(finish(&f.service, &op).await, OperationStatus::Succeeded);
@@ -653,24 +743,26 @@ pub(crate) mod tests {
             timeout: None,
         };
         assert!(matches!(
-            f.service.change(&vm("app-vm"), stop).await,
+            f.service.change(&vm("app-vm"), stop, "me").await,
             Err(VmError::Invalid(m)) if m == "app-vm is not running"
         ));
         assert!(matches!(
-            f.service.change(&vm("admin-vm"), Change::Restart).await,
+            f.service
+                .change(&vm("admin-vm"), Change::Restart, "me")
+                .await,
             Err(VmError::Protected(_))
         ));
         assert!(matches!(
-            f.service.change(&vm("ghost"), Change::Start).await,
+            f.service.change(&vm("ghost"), Change::Start, "me").await,
             Err(VmError::NotFound(_))
         ));
         f.units.set("microvm@chv.service", ActiveState::Active);
         assert!(matches!(
-            f.service.change(&vm("chv"), Change::Start).await,
+            f.service.change(&vm("chv"), Change::Start, "me").await,
             Err(VmError::Invalid(m)) if m == "chv is already running"
         ));
         assert!(matches!(
-            f.service.change(&vm("chv"), Change::Pause).await,
+            f.service.change(&vm("chv"), Change::Pause, "me").await,
             Err(VmError::Unsupported(_))
         ));
         assert!(f.units.calls.lock().expect("lock").is_empty());
@@ -688,18 +780,22 @@ pub(crate) mod tests {
             (resize(None, Some(Bytes::mib(64))), "below the minimum"),
             (resize(None, Some(Bytes::mib(2048))), "exceeds the maximum"),
         ] {
-            match f.service.change(&vm("app-vm"), change).await {
+            match f.service.change(&vm("app-vm"), change, "me").await {
                 Err(VmError::Invalid(m)) => assert!(m.contains(needle), "{m}"),
                 other => panic!("expected Invalid({needle}), got {other:?}"),
             }
         }
         let op = f
             .service
-            .change(&vm("app-vm"), resize(Some(3), Some(Bytes::mib(512))))
+            .change(&vm("app-vm"), resize(Some(3), Some(Bytes::mib(512))), "me")
             .await
             .expect("accepted");
         assert_eq!(finish(&f.service, &op).await, OperationStatus::Succeeded);
-        let info = f.service.get(&vm("app-vm")).await.expect("get");
+        let info = f
+            .service
+            .get(&vm("app-vm"), &Scope::all(), "me")
+            .await
+            .expect("get");
         assert_eq!(info.vcpus.current, Some(3));
         assert_eq!(info.memory.balloon_actual, Some(Bytes::mib(512)));
         let _ = (&f.dir, &f.control);
@@ -717,7 +813,7 @@ pub(crate) mod tests {
                 } else {
                     Change::Restart
                 };
-                service.change(&vm("app-vm"), change).await
+                service.change(&vm("app-vm"), change, "me").await
             }
         });
         let results = join_all(attempts).await;
@@ -731,14 +827,22 @@ pub(crate) mod tests {
             "{results:?}"
         );
         // Reads do not wait behind the change, and show it pending.
-        let info = f.service.get(&vm("app-vm")).await.expect("get");
+        let info = f
+            .service
+            .get(&vm("app-vm"), &Scope::all(), "me")
+            .await
+            .expect("get");
         assert_eq!(info.pending.map(|p| p.id), Some(Some(accepted[0].id)));
         let op = accepted[0].clone();
         gate.add_permits(1);
         assert_eq!(finish(&f.service, &op).await, OperationStatus::Succeeded);
         assert_eq!(f.units.calls.lock().expect("lock").len(), 1);
         assert_eq!(
-            f.service.get(&vm("app-vm")).await.expect("get").pending,
+            f.service
+                .get(&vm("app-vm"), &Scope::all(), "me")
+                .await
+                .expect("get")
+                .pending,
             None
         );
     }

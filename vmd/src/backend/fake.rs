@@ -1,5 +1,6 @@
-//! In-memory fakes of the backend traits, for unit tests of handler and
-//! VM-service logic only. System tests use the real systemd and QEMU.
+//! In-memory fakes of the backend traits, for unit tests and fuzzing of the
+//! handler and VM-service logic only (feature `test-backends`). System
+//! tests use the real systemd and QEMU.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -14,16 +15,22 @@ use super::{ActiveState, BackendError, LiveState, RunState, UnitStatus, Units, V
 /// Units that change state when told to. Changes wait for a permit of
 /// `gate` when one is set, so a test can hold an operation open.
 #[derive(Debug, Default)]
-pub(crate) struct FakeUnits {
-    pub(crate) states: Mutex<HashMap<String, ActiveState>>,
-    pub(crate) wanted: Mutex<HashSet<String>>,
-    pub(crate) gate: Option<Arc<Semaphore>>,
-    pub(crate) down: Mutex<bool>,
-    pub(crate) calls: Mutex<Vec<String>>,
+pub struct FakeUnits {
+    /// Each unit's state (absent: inactive).
+    pub states: Mutex<HashMap<String, ActiveState>>,
+    /// Units `microvms.target` wants.
+    pub wanted: Mutex<HashSet<String>>,
+    /// If set, each change waits for a permit.
+    pub gate: Option<Arc<Semaphore>>,
+    /// Simulates the bus being gone.
+    pub down: Mutex<bool>,
+    /// Every change made, as `"start unit"`.
+    pub calls: Mutex<Vec<String>>,
 }
 
 impl FakeUnits {
-    pub(crate) fn set(&self, unit: &str, state: ActiveState) {
+    /// Sets a unit's state.
+    pub fn set(&self, unit: &str, state: ActiveState) {
         self.states
             .lock()
             .expect("lock")
@@ -101,8 +108,9 @@ impl Units for FakeUnits {
 
 /// A control socket whose live state tests set and changes update.
 #[derive(Debug, Default)]
-pub(crate) struct FakeControl {
-    pub(crate) live: Mutex<HashMap<PathBuf, LiveState>>,
+pub struct FakeControl {
+    /// Live state per socket (absent: unavailable).
+    pub live: Mutex<HashMap<PathBuf, LiveState>>,
 }
 
 impl FakeControl {

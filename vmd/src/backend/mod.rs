@@ -12,8 +12,8 @@
 //!
 //! Both are queried on request only; nothing here polls.
 
-#[cfg(test)]
-pub(crate) mod fake;
+#[cfg(any(test, feature = "test-backends"))]
+pub mod fake;
 pub mod qmp;
 pub mod systemd;
 
