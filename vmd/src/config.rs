@@ -29,6 +29,9 @@
 //! idle_timeout_secs = 300
 //! write_timeout_secs = 10
 //! shutdown_grace_secs = 10
+//! max_connections_per_identity = 32
+//! requests_per_second = 200   # per identity, token bucket
+//! request_burst = 400
 //!
 //! [log]
 //! format = "plain"    # or "json"
@@ -69,6 +72,7 @@ use vmd_proto::{Role, VmName};
 use crate::inventory::InventorySource;
 use crate::ops::OperationLimits;
 use crate::policy::{Binding, IdentityRule, IpNet, Policy, Scope, Transport};
+use crate::usage::IdentityLimits;
 
 /// Where the config file is read from when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmd/vmd.toml";
@@ -272,6 +276,12 @@ pub struct LimitsFile {
     pub write_timeout_secs: Option<u64>,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_secs: Option<u64>,
+    /// Concurrent connections per identity.
+    pub max_connections_per_identity: Option<usize>,
+    /// Sustained requests per second per identity.
+    pub requests_per_second: Option<u32>,
+    /// Requests an identity may send in a burst.
+    pub request_burst: Option<u32>,
 }
 
 /// `[log]`
@@ -374,7 +384,7 @@ impl TlsPaths {
 }
 
 /// Resource limits and timeouts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     /// Concurrent connections, all listeners together.
     pub max_connections: usize,
@@ -390,6 +400,8 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Per-identity connection cap and request rate.
+    pub identity: IdentityLimits,
 }
 
 impl Default for Limits {
@@ -402,6 +414,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            identity: IdentityLimits::default(),
         }
     }
 }
@@ -543,6 +556,27 @@ impl Config {
                 l.shutdown_grace_secs,
                 d.shutdown_grace,
             )?,
+            identity: IdentityLimits {
+                max_connections: in_range(
+                    "limits.max_connections_per_identity",
+                    l.max_connections_per_identity
+                        .unwrap_or(d.identity.max_connections),
+                    1,
+                    1 << 20,
+                )?,
+                requests_per_second: f64::from(in_range(
+                    "limits.requests_per_second",
+                    l.requests_per_second.unwrap_or(200),
+                    1,
+                    1_000_000,
+                )?),
+                burst: in_range(
+                    "limits.request_burst",
+                    l.request_burst.unwrap_or(d.identity.burst),
+                    1,
+                    1_000_000,
+                )?,
+            },
         };
         let log = LogConfig {
             format: file.log.format.unwrap_or_default(),

@@ -41,8 +41,10 @@ use crate::audit::{self, Outcome};
 use crate::config::Limits;
 use crate::handler::Handler;
 use crate::policy::{Grant, Policy};
+use crate::slots::Handshake;
 use crate::tls::PeerIdentity;
 use crate::transport::PeerAddr;
+use crate::usage::Usage;
 
 /// What the server knows about an admitted client.
 #[derive(Debug)]
@@ -72,6 +74,7 @@ pub(crate) struct Reloadable {
 pub(crate) struct ConnectionContext {
     pub(crate) handler: Arc<Handler>,
     pub(crate) limits: Limits,
+    usage: Usage,
     current: RwLock<Arc<Reloadable>>,
 }
 
@@ -80,6 +83,7 @@ impl ConnectionContext {
         Self {
             handler,
             limits,
+            usage: Usage::new(limits.identity),
             current: RwLock::new(Arc::new(reloadable)),
         }
     }
@@ -118,6 +122,27 @@ pub(crate) async fn serve<S>(
     peer: PeerAddr,
     ctx: Arc<ConnectionContext>,
     shutdown: CancellationToken,
+    handshake: Handshake,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Until the session is admitted, the connection may be evicted to make
+    // room for another (see `slots`).
+    tokio::select! {
+        () = serve_inner(stream, peer, ctx, shutdown, &handshake) => {}
+        () = handshake.evicted() => {
+            info!(%peer, "evicted during its handshake: connection cap reached");
+            audit::connection(&peer, None, &Outcome::Refused("evicted during handshake: connection cap".into()));
+        }
+    }
+}
+
+async fn serve_inner<S>(
+    stream: S,
+    peer: PeerAddr,
+    ctx: Arc<ConnectionContext>,
+    shutdown: CancellationToken,
+    handshake: &Handshake,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -178,9 +203,27 @@ pub(crate) async fn serve<S>(
         if !session.grant.matched {
             info!("identity matches no policy rule; default role applies");
         }
+        let _slot = match ctx.usage.connect(&session.identity.name) {
+            Ok(slot) => slot,
+            Err(e) => {
+                warn!(error = %e, "connection refused");
+                audit::connection(
+                    &peer,
+                    Some(&session.identity),
+                    &Outcome::Refused(e.to_string()),
+                );
+                let refusal = ErrorReply::LimitExceeded {
+                    limit: e.to_string(),
+                    retry_after_ms: None,
+                };
+                greet(&mut framed, &session.identity, Err(refusal), &limits).await;
+                return;
+            }
+        };
         audit::connection(&peer, Some(&session.identity), &Outcome::Admitted);
         let session = Arc::new(session);
         if greet(&mut framed, &session.identity, Ok(session.role()), &limits).await {
+            handshake.done();
             let framed = framed.map_codec(FrameCodec::retype::<Request, Response>);
             serve_requests(framed, &session, &ctx, &shutdown).await;
         }
@@ -277,9 +320,25 @@ async fn serve_requests<T>(
                         debug!("peer closed");
                         reading = false;
                     }
-                    Some(Ok(Ok(request))) => {
-                        in_flight.push(ctx.handler.clone().handle(session.clone(), request));
-                    }
+                    Some(Ok(Ok(request))) => match ctx.usage.take(&session.identity.name) {
+                        Ok(()) => {
+                            in_flight.push(ctx.handler.clone().handle(session.clone(), request));
+                        }
+                        Err(retry) => {
+                            let error = ErrorReply::LimitExceeded {
+                                limit: "request rate of this identity".into(),
+                                retry_after_ms: Some(
+                                    u64::try_from(retry.as_millis()).unwrap_or(u64::MAX).max(1),
+                                ),
+                            };
+                            let outcome = Outcome::Refused(error.to_string());
+                            audit::request(&session.identity, &session.peer, &request.body, &outcome);
+                            let response = Response { id: request.id, result: Err(error) };
+                            if send(&mut framed, &response, limits.write_timeout).await.is_err() {
+                                return;
+                            }
+                        }
+                    },
                     Some(Ok(Err(undecodable))) => {
                         let id = peek_request_id(&undecodable.body).unwrap_or(0);
                         info!(id, error = %undecodable.error, "undecodable request");

@@ -18,6 +18,7 @@
 //! - [`inventory`]: the VMs the host declares (microvm.nix, inventory file).
 //! - [`vms`]: VM facts and changes over the backends.
 //! - [`ops`]: operations, busy semantics, waiting.
+//! - [`usage`]: per-identity connection cap and request rate.
 //! - [`backend`]: systemd over D-Bus and QEMU QMP behind small traits.
 //! - [`host`]: the host probe (KVM via `kvm-ioctls`, `/proc`).
 //! - [`pki`]: the CA and certificates (`vmd pki …`), rcgen.
@@ -38,8 +39,10 @@ pub mod ops;
 pub mod pki;
 pub mod policy;
 pub mod server;
+mod slots;
 pub mod tls;
 pub mod transport;
+pub mod usage;
 pub mod vms;
 
 pub use config::Config;

@@ -3,10 +3,11 @@
 //! 1. [`Server::bind`] loads TLS, binds every configured TCP address and
 //!    the AF_VSOCK listener (a host without vsock logs it and carries on
 //!    with TCP, unless vsock is `required`).
-//! 2. [`Server::run`] runs one accept loop per listener. A loop takes a
-//!    connection permit *before* accepting (the connection cap pushes back
-//!    into the kernel backlog), backs off on accept errors (e.g. `EMFILE`),
-//!    and spawns the connection on a task tracker.
+//! 2. [`Server::run`] runs one accept loop per listener. A loop accepts,
+//!    gets the connection a slot under the connection cap (evicting the
+//!    oldest unfinished handshake, or shedding the new connection: see
+//!    `slots`), backs off on accept errors (e.g. `EMFILE`), and spawns the
+//!    connection on a task tracker.
 //! 3. When `shutdown` resolves, the loops stop accepting, connections stop
 //!    reading new requests and answer the ones in flight, and `run` waits
 //!    for them up to the shutdown grace period.
@@ -16,7 +17,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +29,7 @@ use crate::connection::{self, ConnectionContext, Reloadable};
 use crate::handler::Handler;
 use crate::host::HostProbe;
 use crate::ops::Operations;
+use crate::slots::Slots;
 use crate::tls::{self, TlsError};
 use crate::transport::{self, ListenAddr, Listener};
 use crate::vms::{ChangeDeadlines, VmService};
@@ -154,19 +155,19 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(self.ctx.limits.max_connections));
+        let slots = Slots::new(self.ctx.limits.max_connections);
         let mut loops = tokio::task::JoinSet::new();
         for (listener, addr) in self.listeners.into_iter().zip(self.addrs) {
             info!(%addr, "listening");
-            let (ctx, cancel, tracker, permits) = (
+            let (ctx, cancel, tracker, slots) = (
                 self.ctx.clone(),
                 cancel.clone(),
                 tracker.clone(),
-                permits.clone(),
+                slots.clone(),
             );
             match listener {
-                AnyListener::Tcp(l) => loops.spawn(accept_loop(l, ctx, permits, tracker, cancel)),
-                AnyListener::Vsock(l) => loops.spawn(accept_loop(l, ctx, permits, tracker, cancel)),
+                AnyListener::Tcp(l) => loops.spawn(accept_loop(l, ctx, slots, tracker, cancel)),
+                AnyListener::Vsock(l) => loops.spawn(accept_loop(l, ctx, slots, tracker, cancel)),
             };
         }
         shutdown.await;
@@ -249,19 +250,12 @@ fn warn_about_expiry(paths: &crate::config::TlsPaths) {
 async fn accept_loop<L: Listener>(
     listener: L,
     ctx: Arc<ConnectionContext>,
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return, // the semaphore is never closed
-            },
-            () = cancel.cancelled() => return,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = cancel.cancelled() => return,
@@ -269,9 +263,13 @@ async fn accept_loop<L: Listener>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
+                let Some((permit, handshake)) = slots.admit().await else {
+                    drop(stream); // shed: see `slots`
+                    continue;
+                };
                 let (ctx, cancel) = (ctx.clone(), cancel.clone());
                 tracker.spawn(async move {
-                    connection::serve(stream, peer, ctx, cancel).await;
+                    connection::serve(stream, peer, ctx, cancel, handshake).await;
                     drop(permit);
                 });
             }

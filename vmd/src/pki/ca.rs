@@ -233,6 +233,11 @@ impl CertificateAuthority {
         })
     }
 
+    /// The signing issuer (for CRLs).
+    pub(super) fn issuer(&self) -> &Issuer<'static, KeyPairPem> {
+        &self.issuer
+    }
+
     /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> String {
         store::pem_encode("CERTIFICATE", &self.cert_der)

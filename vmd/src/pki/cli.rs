@@ -88,6 +88,15 @@ pub enum PkiCommand {
         /// Certificate file or PKI directory.
         path: PathBuf,
     },
+    /// Revoke a client certificate: add it to `<dir>/crl.pem`. The daemon
+    /// honours it when `[tls] crls` lists the file, after a reload (SIGHUP).
+    Revoke {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The client whose certificate (`clients/NAME.pem`) is revoked.
+        name: ClientName,
+    },
 }
 
 /// Runs a pki subcommand, printing a short human report to stdout.
@@ -163,6 +172,20 @@ pub fn run_command(cmd: PkiCommand) -> Result<(), PkiError> {
             println!("{report}");
         }
         PkiCommand::Show { path } => show(&path)?,
+        PkiCommand::Revoke { dir, name } => {
+            let layout = PkiLayout::new(dir);
+            let report = super::revoke(&layout, &layout.client_cert(&name))?;
+            if report.already_revoked {
+                println!("{name} was already revoked");
+            } else {
+                println!("revoked {name}");
+            }
+            println!(
+                "{}: {} revoked certificate(s); reload vmd (SIGHUP) to apply",
+                report.crl.display(),
+                report.revoked.len()
+            );
+        }
     }
     Ok(())
 }

@@ -47,6 +47,7 @@
 
 mod ca;
 mod cli;
+mod crl;
 mod ensure;
 mod names;
 mod store;
@@ -58,6 +59,7 @@ use time::{Duration, OffsetDateTime};
 
 pub use ca::{CertificateAuthority, IssuedCert, KeyPairPem};
 pub use cli::{PkiCommand, run_command};
+pub use crl::{CRL_VALIDITY_DAYS, RevokeReport, revoke};
 pub use ensure::{EnsureReport, EnsureSpec, ensure};
 pub use names::{ClientName, ClientNameError, ServerNames};
 pub use store::write_issued;
@@ -114,6 +116,18 @@ pub enum PkiError {
         /// The PEM error.
         #[source]
         source: rustls_pki_types::pem::Error,
+    },
+    /// A CRL file is not a valid PEM CRL.
+    #[error("malformed certificate revocation list in {path}")]
+    CrlParse {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The certificate was not issued by this CA.
+    #[error("{path} was not issued by this CA")]
+    NotIssuedByCa {
+        /// The certificate.
+        path: PathBuf,
     },
     /// A file holds a certificate that is not valid X.509.
     #[error("malformed certificate in {path}")]
