@@ -13,6 +13,7 @@
 
 pub mod microvm;
 pub mod nspawn;
+pub mod process;
 pub mod qemu;
 
 use std::net::SocketAddr;
@@ -65,6 +66,21 @@ impl TestPki {
     /// The CA certificate file.
     pub fn ca_cert(&self) -> PathBuf {
         self.layout.ca_cert()
+    }
+
+    /// The CA that signs this PKI's certificates.
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    /// Where this PKI lives (`vmd pki` layout).
+    pub fn layout(&self) -> &PkiLayout {
+        &self.layout
+    }
+
+    /// A scratch directory that lives as long as this PKI.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
     }
 
     /// A client of this CA named `name`, valid for a year.
