@@ -432,6 +432,57 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn scopes_hide_and_fence_vms() {
+        let f = fixture(None);
+        let handler = Arc::new(Handler::new(
+            HostProbe::new(Instant::now()),
+            f.service.clone(),
+        ));
+        let session = Arc::new(Session {
+            identity: PeerIdentity {
+                name: "gui".into(),
+                spki_sha256: String::new(),
+            },
+            peer: PeerAddr::Vsock { cid: 3, port: 1 },
+            grant: Grant {
+                role: Some(Role::Operator),
+                visible: Scope::of(["app-vm", "admin-vm"]),
+                change: Scope::of(["admin-vm"]),
+                matched: true,
+            },
+        });
+        let ask = |body| {
+            let (handler, session) = (handler.clone(), session.clone());
+            async move {
+                handler
+                    .handle(session, Request { id: 1, body })
+                    .await
+                    .result
+            }
+        };
+        // Lists omit what is not visible; lookups cannot tell it exists.
+        match ask(Op::ListVms).await {
+            Ok(Reply::Vms(vms)) => {
+                let names: Vec<_> = vms.iter().map(|v| v.name.as_str()).collect();
+                assert_eq!(names, ["admin-vm", "app-vm"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        for body in [Op::GetVm { name: vm("chv") }, Op::Start { name: vm("chv") }] {
+            assert!(
+                matches!(ask(body).await, Err(ErrorReply::NotFound { what }) if what == "VM chv"),
+                "invisible VMs are not found"
+            );
+        }
+        // Visible but outside the change scope: forbidden, with nothing done.
+        assert!(matches!(
+            ask(Op::Start { name: vm("app-vm") }).await,
+            Err(ErrorReply::Forbidden { reason }) if reason == "gui may not change app-vm"
+        ));
+        assert!(f.units.calls.lock().expect("lock").is_empty());
+    }
+
     #[test]
     fn backend_details_do_not_leak() {
         let wire = ErrorReply::from(BackendError::Protocol("secret path /x".into()));
