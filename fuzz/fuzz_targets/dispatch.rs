@@ -184,10 +184,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let world = world();
     let service = service(world);
-    let handler = Arc::new(Handler::new(
-        HostProbe::new(world.started),
-        service.clone(),
-    ));
+    let handler = Arc::new(Handler::new(HostProbe::new(world.started), service.clone()));
     let id = request.id;
     let unknown_vm = request
         .body

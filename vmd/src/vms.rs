@@ -13,9 +13,9 @@
 //!    awaited, so of concurrent changes exactly the first wins and the rest
 //!    answer busy at once.
 //! 3. The change must make sense in the VM's state (start needs stopped,
-//!    shutdown needs running, pause and resize need running under a
-//!    hypervisor vmd can control) and resize values must fit the VM's
-//!    limits. Otherwise the claim is abandoned and the answer is
+//!    shutdown needs running, pause needs running and not paused, resume
+//!    needs paused, resize needs running; the last three under a hypervisor
+//!    vmd can control) and resize values must fit the VM's limits. Otherwise the claim is abandoned and the answer is
 //!    `InvalidArgument`, with nothing done: starting a running VM is an
 //!    error, like `virsh start` of an active domain.
 //! 4. The change runs in its own task with a deadline; the request returns
@@ -316,8 +316,28 @@ impl VmService {
             }
             _ => {}
         }
-        if let Change::Resize { vcpus, memory } = change {
-            self.check_resize(spec, *vcpus, *memory).await?;
+        match change {
+            Change::Resize { vcpus, memory } => self.check_resize(spec, *vcpus, *memory).await?,
+            Change::Pause | Change::Resume => {
+                let socket = spec
+                    .control_socket
+                    .as_deref()
+                    .expect("check_controllable ran first");
+                // Refuse only what is known to make no sense; if the socket
+                // cannot tell, the change is tried and its operation says
+                // how it went.
+                let Ok(live) = self.control.query(socket).await else {
+                    return Ok(());
+                };
+                let paused = live.run_state == Some(RunState::Paused);
+                if paused && *change == Change::Pause {
+                    return Err(VmError::Invalid(format!("{name} is already paused")));
+                }
+                if !paused && *change == Change::Resume {
+                    return Err(VmError::Invalid(format!("{name} is not paused")));
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -766,6 +786,32 @@ pub(crate) mod tests {
             Err(VmError::Unsupported(_))
         ));
         assert!(f.units.calls.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn pause_and_resume_need_the_matching_state() {
+        let f = fixture(None);
+        f.units.set("microvm@app-vm.service", ActiveState::Active);
+        assert!(matches!(
+            f.service.change(&vm("app-vm"), Change::Resume, "me").await,
+            Err(VmError::Invalid(m)) if m == "app-vm is not paused"
+        ));
+        let op = f
+            .service
+            .change(&vm("app-vm"), Change::Pause, "me")
+            .await
+            .expect("accepted");
+        assert_eq!(finish(&f.service, &op).await, OperationStatus::Succeeded);
+        assert!(matches!(
+            f.service.change(&vm("app-vm"), Change::Pause, "me").await,
+            Err(VmError::Invalid(m)) if m == "app-vm is already paused"
+        ));
+        let op = f
+            .service
+            .change(&vm("app-vm"), Change::Resume, "me")
+            .await
+            .expect("accepted");
+        assert_eq!(finish(&f.service, &op).await, OperationStatus::Succeeded);
     }
 
     #[tokio::test]
