@@ -73,6 +73,14 @@ impl DaemonProcess {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// The daemon's PID.
+    ///
+    /// # Panics
+    /// If it has exited.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// How many log records have arrived so far (a mark for `*_since`).
     pub fn log_len(&self) -> usize {
         self.log.lock().expect("log lock").len()

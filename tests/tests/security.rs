@@ -358,7 +358,16 @@ async fn reload_with_a_broken_policy_keeps_the_old_one() {
     )
     .expect("broken");
     let mark = daemon.log_len();
-    daemon.signal("HUP");
+    // `vmd reload` delivers the SIGHUP here.
+    let out = std::process::Command::new(vmd_tests::vmd())
+        .args(["reload", "--pid", &daemon.pid().to_string()])
+        .output()
+        .expect("vmd reload runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let failed = daemon
         .wait_for_log(mark, |v| {
             v["fields"]["message"] == "reload failed; keeping the running configuration"

@@ -30,6 +30,35 @@ pub enum Command {
     Pki(PkiCommand),
     /// Validate the config file and load the TLS material it names.
     CheckConfig(ServeArgs),
+    /// Ask the running daemon to reload its certificates, CRLs and policy
+    /// (sends it SIGHUP; `systemctl reload vmd` does the same).
+    Reload {
+        /// The daemon's PID [default: the only `vmd serve` process].
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+}
+
+/// Finds the PIDs of running `vmd serve` processes in `/proc`.
+pub fn find_daemons(proc_root: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            let Ok(cmdline) = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")) else {
+                return false;
+            };
+            let mut args = cmdline.split(|b| *b == 0);
+            let exe = args.next().unwrap_or_default();
+            let is_vmd = exe.rsplit(|b| *b == b'/').next() == Some(b"vmd".as_slice());
+            is_vmd && args.next() == Some(b"serve".as_slice())
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 /// Flags of `vmd serve` (and `vmd check-config`).
@@ -184,6 +213,22 @@ mod tests {
     fn missing_config_file_is_an_error() {
         let err = parse(&["vmd", "serve", "-c", "/nonexistent/vmd.toml"]).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/vmd.toml"), "{err}");
+    }
+
+    #[test]
+    fn daemons_are_found_by_command_line() {
+        let proc_root = tempfile::tempdir().expect("tempdir");
+        for (pid, cmdline) in [
+            ("10", "/usr/bin/vmd\0serve\0--dev\0"),
+            ("11", "vmd\0pki\0show\0"),
+            ("12", "/bin/sh\0-c\0vmd serve\0"),
+            ("self", "x"),
+        ] {
+            let dir = proc_root.path().join(pid);
+            std::fs::create_dir(&dir).expect("mkdir");
+            std::fs::write(dir.join("cmdline"), cmdline).expect("write");
+        }
+        assert_eq!(find_daemons(proc_root.path()), vec![10]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Pki(cmd) => pki::run_command(cmd).map_err(Into::into),
         Command::CheckConfig(args) => check_config(args),
+        Command::Reload { pid } => reload(pid),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +95,31 @@ fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     }
     println!("  ca   {}", config.tls.ca.display());
     println!("  cert {}", config.tls.cert.display());
+    Ok(())
+}
+
+/// Sends SIGHUP to the daemon (`vmd reload`).
+fn reload(pid: Option<u32>) -> Result<(), Box<dyn Error>> {
+    let pid = match pid {
+        Some(pid) => pid,
+        None => match vmd::cli::find_daemons(std::path::Path::new("/proc")).as_slice() {
+            [pid] => *pid,
+            [] => return Err("no running `vmd serve` found (give --pid)".into()),
+            many => {
+                return Err(format!("several `vmd serve` processes ({many:?}): give --pid").into());
+            }
+        },
+    };
+    // `kill(1)` rather than a raw syscall: this crate forbids unsafe code.
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        return Err(format!("could not signal PID {pid}").into());
+    }
+    println!(
+        "asked vmd (PID {pid}) to reload; its log says whether the new configuration was taken"
+    );
     Ok(())
 }
 
