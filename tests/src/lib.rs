@@ -238,7 +238,7 @@ impl TestServer {
             .iter()
             .find_map(|a| match a {
                 ListenAddr::Tcp(addr) => Some(*addr),
-                ListenAddr::Vsock { .. } => None,
+                ListenAddr::Vsock { .. } | ListenAddr::HybridVsock { .. } => None,
             })
             .expect("server listens on TCP")
     }

@@ -19,7 +19,7 @@ fn vsock_addr(server: &TestServer) -> (u32, u32) {
         .iter()
         .find_map(|a| match a {
             ListenAddr::Vsock { cid, port } => Some((*cid, *port)),
-            ListenAddr::Tcp(_) => None,
+            ListenAddr::Tcp(_) | ListenAddr::HybridVsock { .. } => None,
         })
         .expect("host-vsock: the daemon must bind AF_VSOCK on this machine")
 }

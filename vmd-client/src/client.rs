@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
@@ -208,7 +208,32 @@ impl Client {
                     .map_err(connect_err)?;
                 Self::handshake(stream, endpoint, tls, options).await
             }
+            Endpoint::HybridVsock { path, port } => {
+                let stream = timeout(options.timeout, connect_hybrid(path, *port))
+                    .await
+                    .map_err(|_| step("hybrid vsock connect"))?
+                    .map_err(connect_err)?;
+                Self::handshake(stream, endpoint, tls, options).await
+            }
         }
+    }
+
+    /// Runs the session (TLS and `Hello`) over a stream the caller opened,
+    /// for transports this library does not dial itself. `endpoint` names
+    /// it in errors.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn over_stream<S>(
+        stream: S,
+        endpoint: &Endpoint,
+        tls: &ClientTls,
+        options: &ConnectOptions,
+    ) -> Result<Self, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::handshake(stream, endpoint, tls, options).await
     }
 
     /// TLS and `Hello` over an open transport stream.
@@ -456,6 +481,47 @@ impl Client {
     }
 }
 
+/// The hybrid vsock handshake: connect to the VM's unix socket, ask for
+/// the guest port with `CONNECT <port>\n`, and accept any `OK ` reply line
+/// (implementations differ in what follows `OK`). The line is read a byte
+/// at a time so no TLS byte after it is consumed; it is capped at 64 bytes.
+///
+/// # Errors
+/// The connect error, or `ConnectionRefused` when the other side does not
+/// answer `OK` (nothing listens on that guest port).
+pub async fn connect_hybrid(path: &std::path::Path, port: u32) -> io::Result<UnixStream> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = UnixStream::connect(path).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            break;
+        }
+        line.push(byte);
+        if line.len() > 64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "hybrid vsock reply too long",
+            ));
+        }
+    }
+    if line.starts_with(b"OK ") {
+        Ok(stream)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "hybrid vsock refused port {port}: {}",
+                String::from_utf8_lossy(&line)
+            ),
+        ))
+    }
+}
+
 /// Whether an I/O error carries a TLS-level failure (an alert, a bad
 /// certificate) rather than a plain transport error.
 fn is_tls_error(e: &io::Error) -> bool {
@@ -515,5 +581,76 @@ async fn drive<T>(
     let _ = timeout(Duration::from_secs(1), framed.get_mut().shutdown()).await;
     if let Some(done) = closed {
         let _ = done.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// A stand-in for the hypervisor's side of the hybrid handshake: reads
+    /// the CONNECT line and answers `reply`.
+    async fn responder(reply: &'static str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vm.vsock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut stream = BufReader::new(stream);
+            let mut line = String::new();
+            stream.read_line(&mut line).await.expect("CONNECT line");
+            assert_eq!(line, "CONNECT 9876\n");
+            stream
+                .get_mut()
+                .write_all(reply.as_bytes())
+                .await
+                .expect("reply");
+            // Keep the connection open until the client is done.
+            let _ = stream.read_line(&mut line).await;
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn hybrid_handshake_accepts_any_ok_line() {
+        let (_dir, path) = responder("OK 1073741824\n").await;
+        connect_hybrid(&path, 9876).await.expect("connected");
+    }
+
+    #[tokio::test]
+    async fn hybrid_handshake_refusal_is_an_error() {
+        let (_dir, path) = responder("ERR no listener\n").await;
+        let err = connect_hybrid(&path, 9876).await.expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(err.to_string().contains("ERR no listener"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn hybrid_connect_without_an_answer_is_bounded_by_the_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mute.vsock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let _hold = tokio::spawn(async move {
+            let conn = listener.accept().await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(conn);
+        });
+        let tls = crate::tls::builder()
+            .expect("TLS 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let tls = ClientTls::from_config(tls, "vmd").expect("tls");
+        let options = ConnectOptions {
+            timeout: Duration::from_millis(200),
+            ..ConnectOptions::default()
+        };
+        let endpoint = Endpoint::HybridVsock { path, port: 9876 };
+        match Client::connect_with(&endpoint, &tls, &options).await {
+            Err(ClientError::Timeout { step, .. }) => assert_eq!(step, "hybrid vsock connect"),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
     }
 }

@@ -1,7 +1,10 @@
-//! Where a client connects: `tcp://HOST:PORT`, `vsock://CID:PORT`, or
-//! `auto` (vsock to the host, CID 2, then TCP on loopback).
+//! Where a client connects: `tcp://HOST:PORT`, `vsock://CID:PORT`,
+//! `hvsock:///PATH:PORT` (a guest port through its VM's hybrid vsock
+//! socket, from the host), or `auto` (vsock to the host, CID 2, then TCP on
+//! loopback).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use vmd_proto::DEFAULT_PORT;
@@ -24,6 +27,14 @@ pub enum Endpoint {
         /// Context id.
         cid: u32,
         /// Port.
+        port: u32,
+    },
+    /// A guest's vsock port reached from the host through the VM's hybrid
+    /// vsock unix socket (cloud-hypervisor, Firecracker, vhost-device-vsock).
+    HybridVsock {
+        /// The VM's vsock unix socket.
+        path: PathBuf,
+        /// The guest-side port.
         port: u32,
     },
 }
@@ -97,6 +108,15 @@ impl FromStr for Endpoint {
                 cid: cid.parse().map_err(|_| err("CID is not a number"))?,
                 port: port.parse().map_err(|_| err("port is not a number"))?,
             })
+        } else if let Some(rest) = input.strip_prefix("hvsock://") {
+            let (path, port) = rest.rsplit_once(':').ok_or_else(|| err("missing :PORT"))?;
+            if !path.starts_with('/') {
+                return Err(err("the socket path must be absolute"));
+            }
+            Ok(Endpoint::HybridVsock {
+                path: PathBuf::from(path),
+                port: port.parse().map_err(|_| err("port is not a number"))?,
+            })
         } else {
             Err(err("unknown scheme"))
         }
@@ -111,6 +131,7 @@ impl fmt::Display for Endpoint {
             }
             Endpoint::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
             Endpoint::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
+            Endpoint::HybridVsock { path, port } => write!(f, "hvsock://{}:{port}", path.display()),
         }
     }
 }

@@ -95,6 +95,7 @@ fn transport(peer: &PeerAddr) -> &'static str {
     match peer {
         PeerAddr::Tcp(_) => "tcp",
         PeerAddr::Vsock { .. } => "vsock",
+        PeerAddr::HybridVsock { .. } => "hvsock",
     }
 }
 

@@ -15,6 +15,10 @@
 //! port = 9876
 //! required = false    # true: fail to start when AF_VSOCK cannot be bound
 //!
+//! [listen.hybrid_vsock]
+//! enable = true       # listen on <vsock_uds>_<port> of VMs that declare vsock_uds
+//! port = 9876
+//!
 //! [tls]
 //! ca = "/var/lib/vmd/pki/ca.pem"
 //! cert = "/var/lib/vmd/pki/server.pem"
@@ -230,6 +234,19 @@ pub struct ListenFile {
     /// `[listen.vsock]`
     #[serde(default)]
     pub vsock: VsockFile,
+    /// `[listen.hybrid_vsock]`
+    #[serde(default)]
+    pub hybrid_vsock: HybridVsockFile,
+}
+
+/// `[listen.hybrid_vsock]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HybridVsockFile {
+    /// Listen on `<vsock_uds>_<port>` for VMs that declare `vsock_uds`.
+    pub enable: Option<bool>,
+    /// The guest-side port (the host CID's port guests connect to).
+    pub port: Option<u32>,
 }
 
 /// `[listen.vsock]`
@@ -313,6 +330,8 @@ pub struct Config {
     pub tcp: Vec<SocketAddr>,
     /// The AF_VSOCK listener, if enabled.
     pub vsock: Option<VsockConfig>,
+    /// The port of the hybrid vsock listeners, if enabled.
+    pub hybrid_vsock_port: Option<u32>,
     /// TLS material.
     pub tls: TlsPaths,
     /// Resource limits and timeouts.
@@ -446,6 +465,7 @@ impl Default for Config {
                 port: u32::from(vmd_proto::DEFAULT_PORT),
                 required: false,
             }),
+            hybrid_vsock_port: Some(u32::from(vmd_proto::DEFAULT_PORT)),
             tls: TlsPaths::in_pki_dir(Path::new(DEFAULT_PKI_DIR)),
             limits: Limits::default(),
             log: LogConfig::default(),
@@ -609,9 +629,17 @@ impl Config {
             )?,
         };
         let policy = policy_from_file(file.policy)?;
+        let hybrid = &file.listen.hybrid_vsock;
+        let hybrid_vsock_port = if hybrid.enable.unwrap_or(true) {
+            let port = hybrid.port.unwrap_or(u32::from(vmd_proto::DEFAULT_PORT));
+            Some(in_range("listen.hybrid_vsock.port", port, 1, u32::MAX - 1)?)
+        } else {
+            None
+        };
         Ok(Self {
             tcp: file.listen.tcp.unwrap_or(defaults.tcp),
             vsock,
+            hybrid_vsock_port,
             tls,
             limits,
             log,

@@ -129,7 +129,7 @@ pub(crate) async fn serve<S>(
     // Until the session is admitted, the connection may be evicted to make
     // room for another (see `slots`).
     tokio::select! {
-        () = serve_inner(stream, peer, ctx, shutdown, &handshake) => {}
+        () = serve_inner(stream, peer.clone(), ctx, shutdown, &handshake) => {}
         () = handshake.evicted() => {
             info!(%peer, "evicted during its handshake: connection cap reached");
             audit::connection(&peer, None, &Outcome::Refused("evicted during handshake: connection cap".into()));
@@ -208,7 +208,7 @@ async fn serve_inner<S>(
             Err(e) => {
                 warn!(error = %e, "connection refused");
                 audit::connection(
-                    &peer,
+                    &session.peer,
                     Some(&session.identity),
                     &Outcome::Refused(e.to_string()),
                 );
@@ -220,7 +220,7 @@ async fn serve_inner<S>(
                 return;
             }
         };
-        audit::connection(&peer, Some(&session.identity), &Outcome::Admitted);
+        audit::connection(&session.peer, Some(&session.identity), &Outcome::Admitted);
         let session = Arc::new(session);
         if greet(&mut framed, &session.identity, Ok(session.role()), &limits).await {
             handshake.done();

@@ -20,6 +20,7 @@
 //! max_memory_mib = 4096
 //! vsock_cid = 3
 //! control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock"
+//! vsock_uds = "/var/lib/microvms/gui-vm/vsock.sock"   # hybrid vsock (host side)
 //! unit = "microvm@gui-vm.service"
 //! protected = false
 //! ```
@@ -103,6 +104,9 @@ pub struct VmSpec {
     pub vsock_cid: Option<Cid>,
     /// The hypervisor's control socket, if it has one vmd can speak to.
     pub control_socket: Option<PathBuf>,
+    /// The host side of the VM's hybrid vsock device (cloud-hypervisor,
+    /// Firecracker, vhost-device-vsock): vmd listens on `<vsock_uds>_<port>`.
+    pub vsock_uds: Option<PathBuf>,
     /// The systemd unit that runs it.
     pub unit: String,
     /// Visible but never changed over the network.
@@ -129,6 +133,7 @@ struct FileVm {
     max_memory_mib: Option<u64>,
     vsock_cid: Option<u32>,
     control_socket: Option<PathBuf>,
+    vsock_uds: Option<PathBuf>,
     unit: Option<String>,
     protected: Option<bool>,
 }
@@ -219,6 +224,7 @@ impl InventorySource {
             max_memory: mib(d.max_memory_mib),
             vsock_cid: d.vsock_cid.or(found.vsock_cid).map(Cid),
             control_socket,
+            vsock_uds: d.vsock_uds.clone(),
             unit: d
                 .unit
                 .clone()

@@ -97,7 +97,8 @@ impl Transport {
     fn of(peer: &PeerAddr) -> Self {
         match peer {
             PeerAddr::Tcp(_) => Self::Tcp,
-            PeerAddr::Vsock { .. } => Self::Vsock,
+            // A hybrid vsock peer is a guest's vsock connection, forwarded.
+            PeerAddr::Vsock { .. } | PeerAddr::HybridVsock { .. } => Self::Vsock,
         }
     }
 }
@@ -270,9 +271,18 @@ pub enum Denial {
         /// The kernel-reported peer CID.
         actual: u32,
     },
-    /// The vsock peer's CID is not on the listener's allow-list.
-    #[error("CID {0} may not connect")]
-    CidNotAllowed(u32),
+    /// The hybrid vsock peer is not the VM the identity is bound to.
+    #[error("{identity} is not bound to VM {actual}, whose vsock it connected through")]
+    Vm {
+        /// The identity.
+        identity: String,
+        /// The VM the connection came from.
+        actual: VmName,
+    },
+    /// The vsock peer's CID is not on the listener's allow-list (`None`:
+    /// a hybrid vsock peer whose VM declares no CID).
+    #[error("CID {0:?} may not connect")]
+    CidNotAllowed(Option<u32>),
 }
 
 impl Policy {
@@ -290,11 +300,20 @@ impl Policy {
         &self,
         identity: &PeerIdentity,
         peer: &PeerAddr,
-        cid_of: impl FnOnce(&VmName) -> Option<u32>,
+        cid_of: impl Fn(&VmName) -> Option<u32>,
     ) -> Result<Grant, Denial> {
-        if let (PeerAddr::Vsock { cid, .. }, Some(allowed)) = (peer, &self.vsock_allowed_cids) {
-            if !allowed.contains(cid) {
-                return Err(Denial::CidNotAllowed(*cid));
+        // The peer's CID: reported by the kernel, or declared for the VM
+        // whose hybrid vsock socket the connection came through.
+        let peer_cid = match peer {
+            PeerAddr::Vsock { cid, .. } => Some(*cid),
+            PeerAddr::HybridVsock { vm } => cid_of(vm),
+            PeerAddr::Tcp(_) => None,
+        };
+        if let (PeerAddr::Vsock { .. } | PeerAddr::HybridVsock { .. }, Some(allowed)) =
+            (peer, &self.vsock_allowed_cids)
+        {
+            if !peer_cid.is_some_and(|cid| allowed.contains(&cid)) {
+                return Err(Denial::CidNotAllowed(peer_cid));
             }
         }
         let Some(rule) = self.rule(&identity.name) else {
@@ -347,6 +366,19 @@ impl Policy {
                             actual: *cid,
                         });
                     }
+                }
+            }
+            PeerAddr::HybridVsock { vm } => {
+                let bound = match &rule.binding {
+                    None => true,
+                    Some(Binding::Vm(bound)) => bound == vm,
+                    Some(Binding::Cid(bound)) => cid_of(vm) == Some(*bound),
+                };
+                if !bound {
+                    return Err(Denial::Vm {
+                        identity: name(),
+                        actual: vm.clone(),
+                    });
                 }
             }
         }
@@ -499,8 +531,28 @@ mod tests {
         // Not on the listener's allow-list, whoever it claims to be.
         assert_eq!(
             policy.admit(&id("stranger", ""), &vsock(9), cid_of),
-            Err(Denial::CidNotAllowed(9))
+            Err(Denial::CidNotAllowed(Some(9)))
         );
+        // Hybrid vsock peers are bound by the VM they came through.
+        let via = |name: &str| PeerAddr::HybridVsock { vm: vm(name) };
+        assert!(
+            policy
+                .admit(&id("gui-vm", ""), &via("gui-vm"), cid_of)
+                .is_ok()
+        );
+        assert_eq!(
+            policy.admit(&id("gui-vm", ""), &via("app-vm"), cid_of),
+            Err(Denial::CidNotAllowed(None)),
+            "app-vm declares no CID: not on the allow-list"
+        );
+        let unlisted = Policy {
+            vsock_allowed_cids: None,
+            ..policy.clone()
+        };
+        assert!(matches!(
+            unlisted.admit(&id("gui-vm", ""), &via("app-vm"), cid_of),
+            Err(Denial::Vm { .. })
+        ));
         // Bindings constrain vsock peers; TCP is governed by transports.
         assert!(
             policy

@@ -62,6 +62,7 @@ pub enum ServerError {
 enum AnyListener {
     Tcp(tokio::net::TcpListener),
     Vsock(tokio_vsock::VsockListener),
+    Hybrid(transport::HybridListener),
 }
 
 /// A server with its listeners bound, ready to [`run`](Server::run).
@@ -81,6 +82,14 @@ impl Server {
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         config.check_listeners()?;
         let reloadable = reloadable(config)?;
+        let vms = VmService::new(
+            config.vms.inventory.clone(),
+            Arc::new(Systemd::new(config.vms.systemd_bus.clone())),
+            Arc::new(Qmp::new(config.vms.qmp_timeout)),
+            Operations::new(config.vms.operations),
+            ChangeDeadlines::default(),
+        );
+
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for &addr in &config.tcp {
@@ -117,6 +126,30 @@ impl Server {
                 }
             }
         }
+        if let Some(port) = config.hybrid_vsock_port {
+            // The VMs are read once: a VM declared later needs a restart.
+            match vms.hybrid_vsock() {
+                Ok(hybrid) => {
+                    for (vm, uds) in hybrid {
+                        match transport::bind_hybrid(vm.clone(), &uds, port) {
+                            Ok(listener) => {
+                                addrs.push(Listener::local_addr(&listener).map_err(|source| {
+                                    ServerError::Bind {
+                                        addr: format!("hvsock://{}", uds.display()),
+                                        source,
+                                    }
+                                })?);
+                                listeners.push(AnyListener::Hybrid(listener));
+                            }
+                            Err(e) => {
+                                warn!(%vm, uds = %uds.display(), error = %e, "cannot listen on the VM's hybrid vsock socket");
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read the inventory for hybrid vsock sockets"),
+            }
+        }
         if listeners.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "listen",
@@ -124,13 +157,6 @@ impl Server {
             }
             .into());
         }
-        let vms = VmService::new(
-            config.vms.inventory.clone(),
-            Arc::new(Systemd::new(config.vms.systemd_bus.clone())),
-            Arc::new(Qmp::new(config.vms.qmp_timeout)),
-            Operations::new(config.vms.operations),
-            ChangeDeadlines::default(),
-        );
         let handler = Arc::new(Handler::new(HostProbe::new(Instant::now()), vms));
         Ok(Self {
             listeners,
@@ -168,6 +194,7 @@ impl Server {
             match listener {
                 AnyListener::Tcp(l) => loops.spawn(accept_loop(l, ctx, slots, tracker, cancel)),
                 AnyListener::Vsock(l) => loops.spawn(accept_loop(l, ctx, slots, tracker, cancel)),
+                AnyListener::Hybrid(l) => loops.spawn(accept_loop(l, ctx, slots, tracker, cancel)),
             };
         }
         shutdown.await;

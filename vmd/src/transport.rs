@@ -9,12 +9,15 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
+use std::path::{Path, PathBuf};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener, VsockStream};
+use vmd_proto::VmName;
 
 /// Where a connection came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerAddr {
     /// A TCP client.
     Tcp(SocketAddr),
@@ -25,6 +28,11 @@ pub enum PeerAddr {
         /// The peer's source port.
         port: u32,
     },
+    /// A hybrid vsock client: the VM whose vsock socket it came through.
+    HybridVsock {
+        /// The VM.
+        vm: VmName,
+    },
 }
 
 impl fmt::Display for PeerAddr {
@@ -32,12 +40,13 @@ impl fmt::Display for PeerAddr {
         match self {
             Self::Tcp(addr) => write!(f, "tcp:{addr}"),
             Self::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Self::HybridVsock { vm } => write!(f, "hvsock:{vm}"),
         }
     }
 }
 
 /// An address the daemon listens on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
     /// A bound TCP socket.
     Tcp(SocketAddr),
@@ -48,6 +57,13 @@ pub enum ListenAddr {
         /// The bound port.
         port: u32,
     },
+    /// A hybrid vsock listener: the unix socket `<uds>_<port>` of one VM.
+    HybridVsock {
+        /// The VM.
+        vm: VmName,
+        /// The unix socket path.
+        path: PathBuf,
+    },
 }
 
 impl fmt::Display for ListenAddr {
@@ -56,6 +72,7 @@ impl fmt::Display for ListenAddr {
             Self::Tcp(addr) => write!(f, "tcp://{addr}"),
             Self::Vsock { cid, port } if *cid == VMADDR_CID_ANY => write!(f, "vsock://any:{port}"),
             Self::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
+            Self::HybridVsock { vm, path } => write!(f, "hvsock://{} ({vm})", path.display()),
         }
     }
 }
@@ -110,6 +127,64 @@ impl Listener for VsockListener {
             port: addr.port(),
         })
     }
+}
+
+/// A hybrid vsock listener: connections on `<uds>_<port>` come from the
+/// VM that owns `uds` (the hypervisor or vhost-device-vsock forwards its
+/// guest's AF_VSOCK connections to host port `port` there).
+#[derive(Debug)]
+pub struct HybridListener {
+    listener: UnixListener,
+    vm: VmName,
+    path: PathBuf,
+}
+
+impl Listener for HybridListener {
+    type Stream = UnixStream;
+
+    async fn accept(&self) -> io::Result<(UnixStream, PeerAddr)> {
+        let (stream, _) = self.listener.accept().await?;
+        Ok((
+            stream,
+            PeerAddr::HybridVsock {
+                vm: self.vm.clone(),
+            },
+        ))
+    }
+
+    fn local_addr(&self) -> io::Result<ListenAddr> {
+        Ok(ListenAddr::HybridVsock {
+            vm: self.vm.clone(),
+            path: self.path.clone(),
+        })
+    }
+}
+
+/// Binds the hybrid vsock listener of `vm` at `<uds>_<port>`, replacing a
+/// stale socket file left by an earlier run (never any other file).
+///
+/// # Errors
+/// The bind error, or `AlreadyExists` if the path is not a socket.
+pub fn bind_hybrid(vm: VmName, uds: &Path, port: u32) -> io::Result<HybridListener> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut path = uds.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    let path = PathBuf::from(path);
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(&path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(_) => {}
+    }
+    Ok(HybridListener {
+        listener: UnixListener::bind(&path)?,
+        vm,
+        path,
+    })
 }
 
 /// Binds a TCP listener (IPv4 or IPv6; port 0 lets the kernel choose).

@@ -199,6 +199,19 @@ impl VmService {
         Ok(self.info(&spec, viewer).await)
     }
 
+    /// The VMs with a hybrid vsock socket, read from the inventory now.
+    ///
+    /// # Errors
+    /// [`VmError::Inventory`] if the inventory file is broken.
+    pub fn hybrid_vsock(&self) -> Result<Vec<(VmName, std::path::PathBuf)>, VmError> {
+        Ok(self
+            .inventory
+            .load()?
+            .into_iter()
+            .filter_map(|spec| Some((spec.name, spec.vsock_uds?)))
+            .collect())
+    }
+
     /// The vsock CID the inventory declares for `name`.
     pub fn cid_of(&self, name: &VmName) -> Option<u32> {
         match self.inventory.get(name) {
@@ -905,6 +918,7 @@ pub(crate) mod tests {
             max_memory: None,
             vsock_cid: None,
             control_socket: Some(Path::new("/x.sock").to_owned()),
+            vsock_uds: None,
             unit: "microvm@x.service".into(),
             protected: false,
         };
