@@ -8,9 +8,13 @@
 //! - [`raw_session`]: a TLS connection with no protocol logic, for feeding
 //!   the daemon bad bytes.
 //! - [`vmd()`], [`vmctl()`]: the binaries built by this workspace.
+//! - [`guest`]: QEMU guests with a Debian kernel and real AF_VSOCK.
+//! - [`microvm`], [`nspawn`], [`qemu`], [`process`]: a microvm host in
+//!   systemd-nspawn, QEMU processes, the daemon as a process.
 
 #![forbid(unsafe_code)]
 
+pub mod guest;
 pub mod microvm;
 pub mod nspawn;
 pub mod process;
