@@ -35,6 +35,9 @@ use crate::tls::ClientTls;
 /// Default bound on each connection step (transport, TLS, `Hello`).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Default [`ConnectOptions::fallback_after`].
+pub const DEFAULT_FALLBACK_AFTER: Duration = Duration::from_secs(1);
+
 /// How many calls may wait for the driver to write them.
 const QUEUE_DEPTH: usize = 64;
 
@@ -127,6 +130,10 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Sent in `Hello`, for the server's log.
     pub client_name: String,
+    /// Bound on opening the transport of an endpoint that is not the last
+    /// of a list (at most `timeout`): a vsock port nobody serves gives no
+    /// reset, so `auto` must move on to TCP quickly rather than wait.
+    pub fallback_after: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -134,6 +141,7 @@ impl Default for ConnectOptions {
         Self {
             timeout: DEFAULT_CONNECT_TIMEOUT,
             client_name: format!("vmd-client/{}", env!("CARGO_PKG_VERSION")),
+            fallback_after: DEFAULT_FALLBACK_AFTER,
         }
     }
 }
@@ -147,24 +155,48 @@ impl Client {
         Self::connect_with(endpoint, tls, &ConnectOptions::default()).await
     }
 
-    /// Tries each endpoint in order, each bounded by `options.timeout`, and
-    /// returns the first session. Errors of the failed attempts are kept.
+    /// Tries each endpoint in order and returns the first session. Opening
+    /// the transport of any but the last endpoint is bounded by
+    /// `options.fallback_after`; every other step by `options.timeout`.
     ///
     /// # Errors
     /// [`ClientError::AllFailed`] with one error per endpoint (or the only
-    /// error, for a single endpoint).
+    /// error, for a single endpoint); [`ClientError::Refused`] at once if a
+    /// server answered and said no (another endpoint would not help).
     pub async fn connect_any(
         endpoints: &[Endpoint],
         tls: &ClientTls,
         options: &ConnectOptions,
     ) -> Result<Self, ClientError> {
+        Self::connect_any_reporting(endpoints, tls, options, |_, _| {}).await
+    }
+
+    /// [`Client::connect_any`], calling `failed` with each endpoint that
+    /// could not be used before the one that worked (for a verbose CLI).
+    ///
+    /// # Errors
+    /// As [`Client::connect_any`].
+    pub async fn connect_any_reporting(
+        endpoints: &[Endpoint],
+        tls: &ClientTls,
+        options: &ConnectOptions,
+        mut failed: impl FnMut(&Endpoint, &ClientError),
+    ) -> Result<Self, ClientError> {
         let mut errors = Vec::new();
-        for endpoint in endpoints {
-            match Self::connect_with(endpoint, tls, options).await {
+        let last = endpoints.len().saturating_sub(1);
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            let open_within = if i < last {
+                options.fallback_after.min(options.timeout)
+            } else {
+                options.timeout
+            };
+            match Self::connect_bounded(endpoint, tls, options, open_within).await {
                 Ok(client) => return Ok(client),
-                // The server answered and said no: another endpoint will not help.
                 Err(e @ ClientError::Refused(_)) => return Err(e),
-                Err(e) => errors.push(e),
+                Err(e) => {
+                    failed(endpoint, &e);
+                    errors.push(e);
+                }
             }
         }
         if errors.len() == 1 {
@@ -182,10 +214,20 @@ impl Client {
         tls: &ClientTls,
         options: &ConnectOptions,
     ) -> Result<Self, ClientError> {
+        Self::connect_bounded(endpoint, tls, options, options.timeout).await
+    }
+
+    /// Opens the transport within `open_within`, then the session.
+    async fn connect_bounded(
+        endpoint: &Endpoint,
+        tls: &ClientTls,
+        options: &ConnectOptions,
+        open_within: Duration,
+    ) -> Result<Self, ClientError> {
         let step = |step| ClientError::Timeout {
             endpoint: endpoint.clone(),
             step,
-            after: options.timeout,
+            after: open_within,
         };
         let connect_err = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
@@ -193,7 +235,7 @@ impl Client {
         };
         match endpoint {
             Endpoint::Tcp { host, port } => {
-                let stream = timeout(options.timeout, TcpStream::connect((host.as_str(), *port)))
+                let stream = timeout(open_within, TcpStream::connect((host.as_str(), *port)))
                     .await
                     .map_err(|_| step("TCP connect"))?
                     .map_err(connect_err)?;
@@ -202,14 +244,14 @@ impl Client {
             }
             Endpoint::Vsock { cid, port } => {
                 let addr = tokio_vsock::VsockAddr::new(*cid, *port);
-                let stream = timeout(options.timeout, tokio_vsock::VsockStream::connect(addr))
+                let stream = timeout(open_within, tokio_vsock::VsockStream::connect(addr))
                     .await
                     .map_err(|_| step("vsock connect"))?
                     .map_err(connect_err)?;
                 Self::handshake(stream, endpoint, tls, options).await
             }
             Endpoint::HybridVsock { path, port } => {
-                let stream = timeout(options.timeout, connect_hybrid(path, *port))
+                let stream = timeout(open_within, connect_hybrid(path, *port))
                     .await
                     .map_err(|_| step("hybrid vsock connect"))?
                     .map_err(connect_err)?;
@@ -586,6 +628,8 @@ async fn drive<T>(
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::UnixListener;
 
@@ -593,7 +637,7 @@ mod tests {
 
     /// A stand-in for the hypervisor's side of the hybrid handshake: reads
     /// the CONNECT line and answers `reply`.
-    async fn responder(reply: &'static str) -> (tempfile::TempDir, std::path::PathBuf) {
+    async fn responder(reply: &'static str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("vm.vsock");
         let listener = UnixListener::bind(&path).expect("bind");
@@ -628,29 +672,87 @@ mod tests {
         assert!(err.to_string().contains("ERR no listener"), "{err}");
     }
 
-    #[tokio::test]
-    async fn hybrid_connect_without_an_answer_is_bounded_by_the_timeout() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("mute.vsock");
+    /// A hybrid socket that accepts and then never answers `CONNECT`.
+    fn mute_listener(dir: &Path) -> PathBuf {
+        let path = dir.join("mute.vsock");
         let listener = UnixListener::bind(&path).expect("bind");
-        let _hold = tokio::spawn(async move {
-            let conn = listener.accept().await;
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            drop(conn);
+        tokio::spawn(async move {
+            while let Ok(conn) = listener.accept().await {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(conn);
+                });
+            }
         });
+        path
+    }
+
+    fn tls_without_roots() -> ClientTls {
         let tls = crate::tls::builder()
             .expect("TLS 1.3")
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
-        let tls = ClientTls::from_config(tls, "vmd").expect("tls");
+        ClientTls::from_config(tls, "vmd").expect("tls")
+    }
+
+    #[tokio::test]
+    async fn hybrid_connect_without_an_answer_is_bounded_by_the_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = mute_listener(dir.path());
         let options = ConnectOptions {
             timeout: Duration::from_millis(200),
             ..ConnectOptions::default()
         };
         let endpoint = Endpoint::HybridVsock { path, port: 9876 };
-        match Client::connect_with(&endpoint, &tls, &options).await {
+        match Client::connect_with(&endpoint, &tls_without_roots(), &options).await {
             Err(ClientError::Timeout { step, .. }) => assert_eq!(step, "hybrid vsock connect"),
             other => panic!("expected a timeout, got {other:?}"),
         }
+    }
+
+    /// A list moves on from a mute endpoint after `fallback_after`, not the
+    /// whole connect timeout; the last endpoint gets the full timeout.
+    #[tokio::test]
+    async fn a_mute_endpoint_is_left_after_the_fallback_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mute = Endpoint::HybridVsock {
+            path: mute_listener(dir.path()),
+            port: 9876,
+        };
+        let missing = Endpoint::HybridVsock {
+            path: dir.path().join("absent.vsock"),
+            port: 9876,
+        };
+        let options = ConnectOptions {
+            timeout: Duration::from_secs(30),
+            fallback_after: Duration::from_millis(100),
+            ..ConnectOptions::default()
+        };
+        let mut reported = Vec::new();
+        let err = Client::connect_any_reporting(
+            &[mute.clone(), missing.clone()],
+            &tls_without_roots(),
+            &options,
+            |endpoint, _| reported.push(endpoint.clone()),
+        )
+        .await
+        .expect_err("neither endpoint serves");
+        let ClientError::AllFailed(errors) = err else {
+            panic!("expected AllFailed, got {err:?}");
+        };
+        match &errors[..] {
+            [
+                ClientError::Timeout { step, after, .. },
+                ClientError::Connect { endpoint, .. },
+            ] => {
+                assert_eq!(
+                    (*step, *after),
+                    ("hybrid vsock connect", options.fallback_after)
+                );
+                assert_eq!(endpoint, &missing);
+            }
+            other => panic!("unexpected errors {other:?}"),
+        }
+        assert_eq!(reported, vec![mute, missing]);
     }
 }

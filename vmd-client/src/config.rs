@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! endpoints = ["auto"]             # or ["vsock://2:9876", "tcp://10.0.0.1:9876"]
+//! auto_tcp = "tcp://10.0.2.100:9876"  # where `auto` falls back to (default loopback)
 //! ca = "/etc/vmd/ca.pem"
 //! cert = "/etc/vmd/client.pem"
 //! key = "/etc/vmd/client.key"
@@ -58,6 +59,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct File {
     endpoints: Option<Vec<String>>,
+    auto_tcp: Option<String>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -70,6 +72,8 @@ struct File {
 pub struct ClientConfig {
     /// Tried in order.
     pub endpoints: Vec<Endpoint>,
+    /// The TCP endpoint `auto` falls back to after vsock.
+    pub auto_tcp: Endpoint,
     /// The vmd CA certificate.
     pub ca: PathBuf,
     /// This client's certificate.
@@ -87,10 +91,8 @@ impl Default for ClientConfig {
     /// certificates under `/etc/vmd`.
     fn default() -> Self {
         Self {
-            endpoints: vec![Endpoint::Tcp {
-                host: "127.0.0.1".into(),
-                port: vmd_proto::DEFAULT_PORT,
-            }],
+            endpoints: vec![Endpoint::loopback()],
+            auto_tcp: Endpoint::loopback(),
             ca: "/etc/vmd/ca.pem".into(),
             cert: "/etc/vmd/client.pem".into(),
             key: "/etc/vmd/client.key".into(),
@@ -104,10 +106,7 @@ impl ClientConfig {
     /// The development client of `vmd serve --dev`.
     pub fn dev() -> Self {
         Self {
-            endpoints: vec![Endpoint::Tcp {
-                host: "127.0.0.1".into(),
-                port: vmd_proto::DEFAULT_PORT,
-            }],
+            endpoints: vec![Endpoint::loopback()],
             ca: vmd_proto::dev::ca_cert(),
             cert: vmd_proto::dev::client_cert(),
             key: vmd_proto::dev::client_key(),
@@ -149,23 +148,36 @@ impl ClientConfig {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let defaults = Self::default();
+        let endpoint_err = |source| ConfigError::Endpoint {
+            path: path.to_owned(),
+            source,
+        };
+        let auto_tcp = match file.auto_tcp {
+            None => defaults.auto_tcp,
+            Some(text) => match text.parse().map_err(endpoint_err)? {
+                tcp @ Endpoint::Tcp { .. } => tcp,
+                other => {
+                    return Err(ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: format!("auto_tcp must be a tcp:// endpoint, not {other}"),
+                    });
+                }
+            },
+        };
         let endpoints = match file.endpoints {
             None => defaults.endpoints,
             Some(list) => {
                 let mut endpoints = Vec::new();
                 for e in list {
-                    endpoints.extend(Endpoint::parse_list(&e).map_err(|source| {
-                        ConfigError::Endpoint {
-                            path: path.to_owned(),
-                            source,
-                        }
-                    })?);
+                    endpoints
+                        .extend(Endpoint::parse_list_via(&e, &auto_tcp).map_err(endpoint_err)?);
                 }
                 endpoints
             }
         };
         Ok(Self {
             endpoints,
+            auto_tcp,
             ca: file.ca.unwrap_or(defaults.ca),
             cert: file.cert.unwrap_or(defaults.cert),
             key: file.key.unwrap_or(defaults.key),
@@ -191,6 +203,24 @@ mod tests {
         assert_eq!(config.endpoints, Endpoint::auto());
         assert_eq!(config.ca, PathBuf::from("/c"));
         assert_eq!(config.connect_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_configured_tcp_endpoint() {
+        let config = ClientConfig::parse(
+            "endpoints = [\"auto\"]\nauto_tcp = \"tcp://10.0.2.100:9876\"\n",
+            Path::new("client.toml"),
+        )
+        .expect("valid");
+        let tcp: Endpoint = "tcp://10.0.2.100:9876".parse().expect("valid");
+        assert_eq!(config.endpoints, Endpoint::auto_via(tcp.clone()));
+        assert_eq!(config.auto_tcp, tcp);
+        let err = ClientConfig::parse("auto_tcp = \"vsock://2:1\"\n", Path::new("c.toml"))
+            .expect_err("not TCP");
+        assert!(
+            err.to_string().contains("auto_tcp must be a tcp://"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Where a client connects: `tcp://HOST:PORT`, `vsock://CID:PORT`,
 //! `hvsock:///PATH:PORT` (a guest port through its VM's hybrid vsock
-//! socket, from the host), or `auto` (vsock to the host, CID 2, then TCP on
-//! loopback).
+//! socket, from the host), or `auto` (vsock to the host, CID 2, then a TCP
+//! fallback: loopback unless the client config names another address).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -50,27 +50,50 @@ pub struct EndpointError {
 }
 
 impl Endpoint {
-    /// What `auto` stands for: vsock to the host first, then loopback TCP.
+    /// vmd on this machine's loopback: the TCP half of the default `auto`.
+    pub fn loopback() -> Endpoint {
+        Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: DEFAULT_PORT,
+        }
+    }
+
+    /// What `auto` stands for by default: vsock to the host first, then
+    /// loopback TCP.
     pub fn auto() -> Vec<Endpoint> {
+        Self::auto_via(Self::loopback())
+    }
+
+    /// `auto` with its TCP fallback at `tcp` (a guest names the host's
+    /// address on its network, e.g. in `client.toml`'s `auto_tcp`).
+    pub fn auto_via(tcp: Endpoint) -> Vec<Endpoint> {
         vec![
             Endpoint::Vsock {
                 cid: HOST_CID,
                 port: u32::from(DEFAULT_PORT),
             },
-            Endpoint::Tcp {
-                host: "127.0.0.1".into(),
-                port: DEFAULT_PORT,
-            },
+            tcp,
         ]
     }
 
-    /// Parses one endpoint, or `auto` into its list.
+    /// Parses one endpoint, or `auto` into its default list.
     ///
     /// # Errors
     /// [`EndpointError`] saying what is wrong.
     pub fn parse_list(input: &str) -> Result<Vec<Endpoint>, EndpointError> {
+        Self::parse_list_via(input, &Self::loopback())
+    }
+
+    /// Parses one endpoint, or `auto` with its TCP fallback at `auto_tcp`.
+    ///
+    /// # Errors
+    /// [`EndpointError`] saying what is wrong.
+    pub fn parse_list_via(
+        input: &str,
+        auto_tcp: &Endpoint,
+    ) -> Result<Vec<Endpoint>, EndpointError> {
         if input == "auto" {
-            Ok(Self::auto())
+            Ok(Self::auto_via(auto_tcp.clone()))
         } else {
             input.parse().map(|e| vec![e])
         }
@@ -182,5 +205,11 @@ mod tests {
         let list = Endpoint::parse_list("auto").expect("auto");
         assert!(matches!(list[0], Endpoint::Vsock { cid: HOST_CID, .. }));
         assert!(matches!(list[1], Endpoint::Tcp { .. }));
+        let tcp: Endpoint = "tcp://10.0.2.100:9876".parse().expect("valid");
+        let list = Endpoint::parse_list_via("auto", &tcp).expect("auto");
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1], tcp);
+        let list = Endpoint::parse_list_via("vsock://3:1", &tcp).expect("one");
+        assert_eq!(list, vec![Endpoint::Vsock { cid: 3, port: 1 }]);
     }
 }

@@ -9,7 +9,7 @@ mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use vmd_client::{
@@ -21,11 +21,15 @@ use vmd_proto::{Bytes, OperationId, OperationInfo, OperationStatus, VmName};
 #[derive(Debug, Parser)]
 #[command(name = "vmctl", version, about)]
 struct Args {
-    /// Where vmd listens: tcp://HOST:PORT, vsock://CID:PORT or auto
-    /// (repeatable; tried in order) [default: from the config file, else
-    /// tcp://127.0.0.1:9876].
-    #[arg(long, short, global = true, value_parser = Endpoint::parse_list)]
-    endpoint: Vec<Vec<Endpoint>>,
+    /// Where vmd listens: tcp://HOST:PORT, vsock://CID:PORT,
+    /// hvsock:///PATH:PORT or auto (vsock to the host, then the config's
+    /// auto_tcp, else loopback); repeatable, tried in order [default: from
+    /// the config file, else tcp://127.0.0.1:9876].
+    #[arg(long, short, global = true, value_parser = check_endpoint)]
+    endpoint: Vec<String>,
+    /// Say on stderr which endpoints failed and which one answered.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     /// Client config file [default: $XDG_CONFIG_HOME/vmd/client.toml, then /etc/vmd/client.toml].
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
@@ -175,6 +179,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Checks an `--endpoint` value at parse time; `auto` is expanded once
+/// the config (and its `auto_tcp`) is known.
+fn check_endpoint(text: &str) -> Result<String, vmd_client::endpoint::EndpointError> {
+    Endpoint::parse_list(text).map(|_| text.to_owned())
+}
+
 /// Config file, then flags on top.
 fn settings(args: &Args) -> Result<ClientConfig, Failure> {
     let mut config = if args.dev {
@@ -186,7 +196,13 @@ fn settings(args: &Args) -> Result<ClientConfig, Failure> {
         }
     };
     if !args.endpoint.is_empty() {
-        config.endpoints = args.endpoint.concat();
+        let mut endpoints = Vec::new();
+        for text in &args.endpoint {
+            let list = Endpoint::parse_list_via(text, &config.auto_tcp)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            endpoints.extend(list);
+        }
+        config.endpoints = endpoints;
     }
     let set = |slot: &mut PathBuf, flag: &Option<PathBuf>| {
         if let Some(v) = flag {
@@ -219,13 +235,31 @@ async fn run(args: Args) -> Result<(), Failure> {
     let options = ConnectOptions {
         timeout: config.connect_timeout,
         client_name: format!("vmctl/{}", env!("CARGO_PKG_VERSION")),
+        ..ConnectOptions::default()
     };
-    let client = Client::connect_any(&config.endpoints, &tls, &options)
-        .await
-        .map_err(|e| match e {
-            ClientError::Refused(_) => Failure::Server(error_chain(&e)),
-            e => Failure::Connect(error_chain(&e)),
-        })?;
+    let started = Instant::now();
+    let verbose = args.verbose;
+    let client = Client::connect_any_reporting(&config.endpoints, &tls, &options, |at, e| {
+        if verbose {
+            eprintln!(
+                "vmctl: {at} failed after {} ms: {}",
+                started.elapsed().as_millis(),
+                error_chain(e)
+            );
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        ClientError::Refused(_) => Failure::Server(error_chain(&e)),
+        e => Failure::Connect(error_chain(&e)),
+    })?;
+    if verbose {
+        eprintln!(
+            "vmctl: connected to {} in {} ms",
+            client.endpoint(),
+            started.elapsed().as_millis()
+        );
+    }
     let fail = |e: ClientError| match e {
         ClientError::Server(_) => Failure::Server(error_chain(&e)),
         e => Failure::Connect(error_chain(&e)),
