@@ -64,21 +64,31 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
             }
             Err(e) => return Err(e.into()),
         };
+        // Every listener is bound: systemd may start what depends on vmd.
+        vmd::notify::ready();
         let handle = server.handle();
         // SIGHUP: re-read the config (certificates, CRLs, policy) and swap
         // it in; a broken file leaves the running configuration in place.
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
                 info!("SIGHUP received: reloading");
+                vmd::notify::reloading();
                 let reloaded = Serve::try_from(args.clone())
                     .map_err(Box::<dyn Error>::from)
                     .and_then(|serve| Ok(handle.reload(&serve.config)?));
                 if let Err(e) = reloaded {
                     error!(error = %vmd_proto::error_chain(e.as_ref()), "reload failed; keeping the running configuration");
                 }
+                // Serving either way: the old configuration stays on failure.
+                vmd::notify::ready();
             }
         });
-        server.run(shutdown).await;
+        server
+            .run(async {
+                shutdown.await;
+                vmd::notify::stopping();
+            })
+            .await;
         Ok(())
     })
 }
