@@ -96,6 +96,9 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
 fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let Serve { config, .. } = Serve::try_from(args)?;
     vmd::tls::server_config(&config.tls)?;
+    // The inventory is read on every request; a broken one would fail them
+    // all, so a check that passes must have read it too.
+    let vms = config.vms.inventory.load()?;
     println!("configuration is valid");
     for addr in &config.tcp {
         println!("  listen tcp://{addr}");
@@ -105,6 +108,18 @@ fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     }
     println!("  ca   {}", config.tls.ca.display());
     println!("  cert {}", config.tls.cert.display());
+    let names: Vec<&str> = vms.iter().map(|vm| vm.name.as_str()).collect();
+    match &config.vms.inventory.file {
+        Some(file) => println!(
+            "  inventory {} + {}: {names:?}",
+            file.display(),
+            config.vms.inventory.state_dir.display()
+        ),
+        None => println!(
+            "  inventory {}: {names:?}",
+            config.vms.inventory.state_dir.display()
+        ),
+    }
     Ok(())
 }
 
