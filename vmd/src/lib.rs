@@ -23,6 +23,7 @@
 //! - [`host`]: the host probe (KVM via `kvm-ioctls`, `/proc`).
 //! - [`pki`]: the CA and certificates (`vmd pki …`), rcgen.
 //! - [`logging`]: `tracing` output, plain or JSON.
+//! - [`notify`]: readiness, reload and stop messages to systemd (`sd_notify`).
 
 #![forbid(unsafe_code)]
 
@@ -35,6 +36,7 @@ pub mod handler;
 pub mod host;
 pub mod inventory;
 pub mod logging;
+pub mod notify;
 pub mod ops;
 pub mod pki;
 pub mod policy;

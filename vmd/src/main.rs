@@ -64,21 +64,31 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
             }
             Err(e) => return Err(e.into()),
         };
+        // Every listener is bound: systemd may start what depends on vmd.
+        vmd::notify::ready();
         let handle = server.handle();
         // SIGHUP: re-read the config (certificates, CRLs, policy) and swap
         // it in; a broken file leaves the running configuration in place.
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
                 info!("SIGHUP received: reloading");
+                vmd::notify::reloading();
                 let reloaded = Serve::try_from(args.clone())
                     .map_err(Box::<dyn Error>::from)
                     .and_then(|serve| Ok(handle.reload(&serve.config)?));
                 if let Err(e) = reloaded {
                     error!(error = %vmd_proto::error_chain(e.as_ref()), "reload failed; keeping the running configuration");
                 }
+                // Serving either way: the old configuration stays on failure.
+                vmd::notify::ready();
             }
         });
-        server.run(shutdown).await;
+        server
+            .run(async {
+                shutdown.await;
+                vmd::notify::stopping();
+            })
+            .await;
         Ok(())
     })
 }
@@ -86,6 +96,9 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
 fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let Serve { config, .. } = Serve::try_from(args)?;
     vmd::tls::server_config(&config.tls)?;
+    // The inventory is read on every request; a broken one would fail them
+    // all, so a check that passes must have read it too.
+    let vms = config.vms.inventory.load()?;
     println!("configuration is valid");
     for addr in &config.tcp {
         println!("  listen tcp://{addr}");
@@ -95,6 +108,18 @@ fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     }
     println!("  ca   {}", config.tls.ca.display());
     println!("  cert {}", config.tls.cert.display());
+    let names: Vec<&str> = vms.iter().map(|vm| vm.name.as_str()).collect();
+    match &config.vms.inventory.file {
+        Some(file) => println!(
+            "  inventory {} + {}: {names:?}",
+            file.display(),
+            config.vms.inventory.state_dir.display()
+        ),
+        None => println!(
+            "  inventory {}: {names:?}",
+            config.vms.inventory.state_dir.display()
+        ),
+    }
     Ok(())
 }
 

@@ -1,0 +1,96 @@
+# programs.vmctl: vmctl inside a guest VM, configured to reach the host's vmd
+# over vsock (CID 2) first. The certificate, key and CA come from the host's
+# read-only share (services.vmd.clients.<name>.vm), mounted at `tlsDir`.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib)
+    types
+    mkOption
+    mkEnableOption
+    mkIf
+    literalExpression
+    ;
+  cfg = config.programs.vmctl;
+  format = pkgs.formats.toml { };
+
+  # The client.toml key for the TCP address `auto` falls back to. One
+  # place to rename it if vmd-client settles on another name.
+  autoTcpKey = "auto_tcp";
+
+  clientConfig = {
+    inherit (cfg) endpoints;
+    ca = "${cfg.tlsDir}/ca.pem";
+    cert = "${cfg.tlsDir}/client.pem";
+    key = "${cfg.tlsDir}/client.key";
+    server_name = cfg.serverName;
+  }
+  // lib.optionalAttrs (cfg.hostAddress != null) { ${autoTcpKey} = cfg.hostAddress; }
+  // lib.optionalAttrs (cfg.connectTimeoutMs != null) { connect_timeout_ms = cfg.connectTimeoutMs; };
+in
+{
+  options.programs.vmctl = {
+    enable = mkEnableOption "vmctl, the client of the host's vmd";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.vmd;
+      defaultText = literalExpression "pkgs.vmd";
+      description = "The package that provides `vmctl`.";
+    };
+
+    endpoints = mkOption {
+      type = types.listOf types.str;
+      default = [ "auto" ];
+      example = [
+        "vsock://2:9876"
+        "tcp://10.0.0.1:9876"
+      ];
+      description = ''
+        Where vmctl connects, in order. `auto` is vsock to the host (CID 2,
+        port 9876), then TCP.
+      '';
+    };
+
+    hostAddress = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "192.168.100.1:9876";
+      description = ''
+        `HOST:PORT` that `auto` falls back to over TCP when vsock fails
+        (rendered as `${autoTcpKey}`; needs a vmctl that knows that key).
+        null: vmctl's built-in fallback.
+      '';
+    };
+
+    tlsDir = mkOption {
+      type = types.str;
+      default = "/etc/vmd/tls";
+      description = ''
+        Directory with `ca.pem`, `client.pem` and `client.key`: the host
+        module's share (`services.vmd.guestMountPoint`).
+      '';
+    };
+
+    serverName = mkOption {
+      type = types.str;
+      default = "vmd";
+      description = "The name the server certificate must carry.";
+    };
+
+    connectTimeoutMs = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      description = "Bound on each connection step, in milliseconds (null: vmctl's default).";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    environment.systemPackages = [ cfg.package ];
+    environment.etc."vmd/client.toml".source = format.generate "client.toml" clientConfig;
+  };
+}

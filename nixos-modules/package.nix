@@ -1,0 +1,52 @@
+# vmd and vmctl, built from this repository with its Cargo.lock.
+{
+  lib,
+  rustPlatform,
+}:
+let
+  root = ../.;
+  workspace = (lib.importTOML (root + "/Cargo.toml")).workspace.package;
+in
+rustPlatform.buildRustPackage {
+  pname = "vmd";
+  inherit (workspace) version;
+
+  # Only what cargo needs, so editing docs or Nix files does not rebuild.
+  src = lib.fileset.toSource {
+    inherit root;
+    fileset = lib.fileset.unions [
+      (root + "/Cargo.toml")
+      (root + "/Cargo.lock")
+      (root + "/vmd-proto")
+      (root + "/vmd")
+      (root + "/vmd-client")
+      (root + "/tests")
+    ];
+  };
+  cargoLock.lockFile = root + "/Cargo.lock";
+
+  cargoBuildFlags = [
+    "-p"
+    "vmd"
+    "-p"
+    "vmd-client"
+  ];
+  # Unit tests of the crates that need nothing from the host. The daemon's
+  # and the system suites need /dev/kvm, vsock, systemd or QEMU and run in
+  # the repository's own CI (scripts/test) and in the NixOS VM test.
+  cargoTestFlags = [
+    "-p"
+    "vmd-proto"
+    "-p"
+    "vmd-client"
+    "--lib"
+  ];
+
+  meta = {
+    description = "VM information-and-control daemon (vmd) and client (vmctl) for Ghaf KVM hosts";
+    homepage = "https://github.com/tiiuae/vmd";
+    license = lib.licenses.asl20;
+    mainProgram = "vmd";
+    platforms = lib.platforms.linux;
+  };
+}

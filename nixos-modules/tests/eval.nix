@@ -1,0 +1,516 @@
+# Evaluation test of the vmd NixOS modules against stub option declarations
+# (stubs.nix). Run by ./run:
+#
+#   nix-instantiate --eval --strict --json nixos-modules/tests/eval.nix \
+#     --arg nixpkgsLib /path/to/nixpkgs-lib/lib
+#
+# (The flake's `checks.eval` passes `lib` itself instead.)
+#
+# Returns { failures = [ "..." ]; render = { ... }; }: every failed check
+# is one string in `failures`; `render` holds what ./run converts to TOML
+# and hands to `vmd check-config` and `vmd pki ensure`.
+{
+  nixpkgsLib ? null,
+  lib ? import nixpkgsLib,
+  # Where ./run executes the rendered vmd-pki script.
+  scratch ? "/tmp/vmd-eval",
+}:
+let
+  stubs = import ./stubs.nix { inherit lib; };
+  inherit (stubs) pkgs;
+
+  argsModule = {
+    _module.args.pkgs = pkgs;
+  };
+  guestBase = [
+    stubs.nixos
+    stubs.microvmGuest
+    argsModule
+  ];
+
+  evalHost =
+    {
+      microvm ? true,
+      modules,
+    }:
+    (lib.evalModules {
+      modules = [
+        stubs.nixos
+        argsModule
+        ../host.nix
+        { networking.hostName = "ghaf-host"; }
+      ]
+      ++ lib.optional microvm (stubs.microvmHost guestBase)
+      ++ modules;
+    }).config;
+
+  failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+
+  # The host of the README example: four declarative microvms (two with
+  # declared CIDs, one of them mkDefault), one from an already evaluated
+  # configuration without a CID, a GUI VM client and a remote admin.
+  mainModule = {
+    services.vmd = {
+      enable = true;
+      listen.tcp = {
+        enable = true;
+        address = "10.0.0.1";
+        openFirewall = true;
+      };
+      vms.net-vm = {
+        protected = true;
+        description = "network VM";
+      };
+      clients.gui-vm = {
+        role = "operator";
+        vms = [
+          "gui-vm"
+          "app-*"
+        ];
+        vm = "gui-vm";
+      };
+      clients.laptop = {
+        role = "admin";
+        vms = [ "*" ];
+        transports = [ "tcp" ];
+        tcpNetworks = [ "10.0.0.0/8" ];
+      };
+    };
+    microvm.vms = {
+      net-vm.config = {
+        microvm.vsock.cid = 5;
+        microvm.vcpu = 2;
+      };
+      admin-vm.config = {
+        microvm.vsock.cid = lib.mkDefault 101;
+      };
+      gui-vm.config = {
+        microvm.vcpu = 4;
+        microvm.mem = 2048;
+        microvm.hotplugMem = 2048;
+      };
+      app-vm.config = {
+        microvm.hypervisor = "cloud-hypervisor";
+      };
+      prebuilt-vm.evaluatedConfig = lib.evalModules {
+        modules = guestBase ++ [ { networking.hostName = "prebuilt-vm"; } ];
+      };
+    };
+  };
+
+  main = evalHost { modules = [ mainModule ]; };
+  guestCid = config: name: config.microvm.vms.${name}.config.config.microvm.vsock.cid;
+  guestShares = config: name: config.microvm.vms.${name}.config.config.microvm.shares;
+  svc = main.systemd.services.vmd;
+  sc = svc.serviceConfig;
+  pki = main.systemd.services.vmd-pki;
+  settings = main.environment.etc."vmd/vmd.toml".source.value;
+  inventory = main.environment.etc."vmd/inventory.toml".source.value;
+
+  # The same VM set again, plus a VM sorted after the others: nobody moves.
+  grown = evalHost {
+    modules = [
+      mainModule
+      { microvm.vms.zz-vm.config = { }; }
+    ];
+  };
+
+  # A declared CID that collides with another declared one.
+  dupDeclared = evalHost {
+    modules = [
+      mainModule
+      { microvm.vms.app-vm.config.microvm.vsock.cid = 5; }
+    ];
+  };
+  # A VM declared only to vmd, with the CID the module assigns to app-vm.
+  dupInventory = evalHost {
+    modules = [
+      mainModule
+      { services.vmd.vms.outside-vm.vsockCid = 100; }
+    ];
+  };
+  # Assignment off: no CIDs are written, undeclared VMs have none.
+  noAssign = evalHost {
+    modules = [
+      mainModule
+      { services.vmd.assignCids.enable = false; }
+    ];
+  };
+  # A client bound to a VM nobody declares, and a bad client name.
+  badClients = evalHost {
+    modules = [
+      mainModule
+      {
+        services.vmd.clients.ghost = {
+          role = "reader";
+          vm = "ghost-vm";
+        };
+        services.vmd.clients."Bad_Name" = {
+          role = "reader";
+        };
+      }
+    ];
+  };
+  # A plain NixOS host without microvm.nix: VMs declared by hand.
+  plain = evalHost {
+    microvm = false;
+    modules = [
+      {
+        services.vmd = {
+          enable = true;
+          listen.vsock.enable = false;
+          listen.tcp.enable = true;
+          vms.fake-a = {
+            hypervisor = "qemu";
+            vcpus = 1;
+          };
+          clients.admin = {
+            role = "admin";
+            vms = [ "*" ];
+          };
+        };
+      }
+    ];
+  };
+
+  evalGuest =
+    modules:
+    (lib.evalModules {
+      modules = [
+        stubs.nixos
+        argsModule
+        ../guest.nix
+      ]
+      ++ modules;
+    }).config;
+  guest = evalGuest [ { programs.vmctl.enable = true; } ];
+  guestTcp = evalGuest [
+    {
+      programs.vmctl = {
+        enable = true;
+        hostAddress = "192.168.100.1:9876";
+        connectTimeoutMs = 500;
+      };
+    }
+  ];
+  clientToml = g: g.environment.etc."vmd/client.toml".source.value;
+
+  ensureArgs = main.services.vmd.pki.ensureArgs;
+  argAfter =
+    flag: args:
+    let
+      idx = lib.filter (i: lib.elemAt args i == flag) (lib.range 0 (lib.length args - 2));
+    in
+    map (i: lib.elemAt args (i + 1)) idx;
+
+  checks = [
+    # CIDs: unique, stable, respecting declared ones (plain and mkDefault).
+    {
+      name = "assigned CIDs skip declared ones, sorted by name from the base";
+      ok = main.services.vmd.assignedCids == {
+        app-vm = 100;
+        gui-vm = 102;
+      };
+      got = main.services.vmd.assignedCids;
+    }
+    {
+      name = "assigned CIDs are written into the guests; declared ones are kept";
+      ok =
+        guestCid main "app-vm" == 100
+        && guestCid main "gui-vm" == 102
+        && guestCid main "net-vm" == 5
+        && guestCid main "admin-vm" == 101;
+      got = lib.genAttrs [ "app-vm" "gui-vm" "net-vm" "admin-vm" ] (guestCid main);
+    }
+    {
+      name = "a VM sorted last does not move the others";
+      ok =
+        grown.services.vmd.assignedCids == {
+          app-vm = 100;
+          gui-vm = 102;
+          zz-vm = 103;
+        };
+      got = grown.services.vmd.assignedCids;
+    }
+    {
+      name = "a prebuilt VM without a CID is warned about, not assigned";
+      ok =
+        !(main.services.vmd.assignedCids ? prebuilt-vm)
+        && lib.any (w: lib.hasInfix "prebuilt-vm" w) main.warnings;
+      got = main.warnings;
+    }
+    {
+      name = "no failed assertions in the main configuration";
+      ok = failedAssertions main == [ ];
+      got = failedAssertions main;
+    }
+    {
+      name = "two declared CIDs 5 fail the duplicate assertion";
+      ok = lib.any (m: lib.hasInfix "duplicate vsock CIDs: 5 (app-vm, net-vm)" m) (
+        failedAssertions dupDeclared
+      );
+      got = failedAssertions dupDeclared;
+    }
+    {
+      name = "a services.vmd.vms CID equal to an assigned one fails the duplicate assertion";
+      ok = lib.any (m: lib.hasInfix "duplicate vsock CIDs: 100 (app-vm, outside-vm)" m) (
+        failedAssertions dupInventory
+      );
+      got = failedAssertions dupInventory;
+    }
+    {
+      name = "assignCids.enable = false writes no CID";
+      ok =
+        noAssign.services.vmd.assignedCids == { }
+        && guestCid noAssign "gui-vm" == null
+        && guestCid noAssign "net-vm" == 5
+        && !(noAssign.environment.etc."vmd/inventory.toml".source.value.vm.gui-vm ? vsock_cid);
+      got = noAssign.services.vmd.assignedCids;
+    }
+    {
+      name = "bad clients fail their assertions";
+      ok =
+        let
+          f = failedAssertions badClients;
+        in
+        lib.any (lib.hasInfix "clients.ghost.vm: no VM named ghost-vm") f
+        && lib.any (lib.hasInfix "clients.Bad_Name: the name must be a DNS label") f;
+      got = failedAssertions badClients;
+    }
+
+    # Delivery into the bound guest only.
+    {
+      name = "gui-vm gets the read-only vmd-tls virtiofs share; net-vm none";
+      ok =
+        guestShares main "gui-vm" == [
+          {
+            tag = "vmd-tls";
+            proto = "virtiofs";
+            source = "/var/lib/vmd/guests/gui-vm";
+            mountPoint = "/etc/vmd/tls";
+            readOnly = true;
+          }
+        ]
+        && guestShares main "net-vm" == [ ];
+      got = guestShares main "gui-vm";
+    }
+
+    # Inventory.
+    {
+      name = "inventory: gui-vm from its microvm declaration";
+      ok = inventory.vm.gui-vm == {
+        hypervisor = "qemu";
+        vcpus = 4;
+        max_vcpus = 4;
+        memory_mib = 2048;
+        max_memory_mib = 4096;
+        vsock_cid = 102;
+        control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock";
+        protected = false;
+      };
+      got = inventory.vm.gui-vm;
+    }
+    {
+      name = "inventory: net-vm protected with its description; app-vm hybrid vsock, no QMP";
+      ok =
+        inventory.vm.net-vm.protected
+        && inventory.vm.net-vm.description == "network VM"
+        && inventory.vm.net-vm.vsock_cid == 5
+        && inventory.vm.app-vm.hypervisor == "cloud-hypervisor"
+        && !(inventory.vm.app-vm ? control_socket)
+        && inventory.vm.app-vm.vsock_uds == "/var/lib/microvms/app-vm/notify.vsock"
+        && lib.attrNames inventory.vm == [
+          "admin-vm"
+          "app-vm"
+          "gui-vm"
+          "net-vm"
+          "prebuilt-vm"
+        ];
+      got = inventory.vm;
+    }
+    {
+      name = "plain NixOS: inventory from services.vmd.vms only";
+      ok =
+        plain.environment.etc."vmd/inventory.toml".source.value == {
+          vm.fake-a = {
+            hypervisor = "qemu";
+            vcpus = 1;
+            protected = false;
+          };
+        }
+        && failedAssertions plain == [ ];
+      got = plain.environment.etc."vmd/inventory.toml".source.value;
+    }
+
+    # Rendered config.
+    {
+      name = "settings: listeners, TLS paths, inventory path";
+      ok =
+        settings.listen.tcp == [ "10.0.0.1:9876" ]
+        && settings.listen.vsock == {
+          enable = true;
+          port = 9876;
+        }
+        && settings.tls == {
+          ca = "/var/lib/vmd/pki/ca.pem";
+          cert = "/var/lib/vmd/pki/server.pem";
+          key = "/var/lib/vmd/pki/server.key";
+        }
+        && settings.vms.inventory == "/etc/vmd/inventory.toml"
+        && settings.vms.state_dir == "/var/lib/microvms";
+      got = settings;
+    }
+    {
+      name = "settings: one identity per client; the VM client bound and vsock-only";
+      ok = settings.policy.identity == [
+        {
+          name = "gui-vm";
+          role = "operator";
+          vms = [
+            "gui-vm"
+            "app-*"
+          ];
+          bind_vm = "gui-vm";
+          transports = [ "vsock" ];
+        }
+        {
+          name = "laptop";
+          role = "admin";
+          vms = [ "*" ];
+          transports = [ "tcp" ];
+          tcp_networks = [ "10.0.0.0/8" ];
+        }
+      ];
+      got = settings.policy.identity;
+    }
+    {
+      name = "firewall opens the TCP port";
+      ok = main.networking.firewall.allowedTCPPorts == [ 9876 ];
+      got = main.networking.firewall.allowedTCPPorts;
+    }
+
+    # vmd.service
+    {
+      name = "vmd.service: notify, restart on failure, config path, ordering";
+      ok =
+        sc.Type == "notify"
+        && sc.Restart == "on-failure"
+        && lib.hasSuffix "/bin/vmd serve --config /etc/vmd/vmd.toml" sc.ExecStart
+        && lib.elem "vmd-pki.service" svc.requires
+        && lib.elem "vmd-pki.service" svc.after
+        && lib.elem "multi-user.target" svc.wantedBy
+        && sc.StandardError == "journal";
+      got = sc;
+    }
+    {
+      name = "vmd.service: sandbox";
+      ok =
+        sc.ProtectSystem == "strict"
+        && sc.ProtectHome
+        && sc.PrivateTmp
+        && sc.NoNewPrivileges
+        && sc.RestrictAddressFamilies == [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+          "AF_VSOCK"
+        ]
+        && sc.CapabilityBoundingSet == [ "CAP_DAC_OVERRIDE" ]
+        && lib.elem "@system-service" sc.SystemCallFilter
+        && sc.DevicePolicy == "closed"
+        && sc.ReadWritePaths == [ "-/var/lib/microvms/app-vm" ];
+      got = sc;
+    }
+
+    # vmd-pki.service
+    {
+      name = "vmd-pki.service: oneshot before vmd and before the bound VM";
+      ok =
+        pki.serviceConfig.Type == "oneshot"
+        && lib.elem "vmd.service" pki.before
+        && lib.elem "microvm@gui-vm.service" pki.before
+        && lib.elem "microvm-virtiofsd@gui-vm.service" pki.before
+        && lib.elem "microvm@gui-vm.service" pki.wantedBy
+        && main.systemd.timers.vmd-pki.timerConfig.OnCalendar == "daily";
+      got = pki;
+    }
+    {
+      name = "vmd pki ensure: SANs, clients, renewal window";
+      ok =
+        lib.take 4 ensureArgs == [
+          "pki"
+          "ensure"
+          "--dir"
+          "/var/lib/vmd/pki"
+        ]
+        && argAfter "--dns" ensureArgs == [ "ghaf-host" ]
+        && argAfter "--ip" ensureArgs == [ "10.0.0.1" ]
+        && argAfter "--client" ensureArgs == [
+          "gui-vm"
+          "laptop"
+        ]
+        && argAfter "--renew-before-days" ensureArgs == [ "30" ];
+      got = ensureArgs;
+    }
+    {
+      name = "vmd-pki script delivers gui-vm's client material, key 0640, CA key never";
+      ok =
+        pki.serviceConfig.ExecStart == "${main.services.vmd.pki.script}"
+        && lib.hasInfix "/var/lib/vmd/pki/clients/gui-vm.key" scriptText
+        && lib.hasInfix "install -m 0640" scriptText
+        && !(lib.hasInfix "ca.key" scriptText)
+        && !(lib.hasInfix "laptop.key" scriptText);
+      got = scriptText;
+    }
+
+    # Guest module.
+    {
+      name = "guest: client.toml with auto and the share's paths, no auto_tcp";
+      ok = clientToml guest == {
+        endpoints = [ "auto" ];
+        ca = "/etc/vmd/tls/ca.pem";
+        cert = "/etc/vmd/tls/client.pem";
+        key = "/etc/vmd/tls/client.key";
+        server_name = "vmd";
+      };
+      got = clientToml guest;
+    }
+    {
+      name = "guest: hostAddress renders auto_tcp";
+      ok =
+        (clientToml guestTcp).auto_tcp == "192.168.100.1:9876"
+        && (clientToml guestTcp).connect_timeout_ms == 500
+        && guest.environment.systemPackages == [ pkgs.vmd ];
+      got = clientToml guestTcp;
+    }
+  ];
+
+  # The vmd-pki script with its directories under `scratch`, for ./run.
+  scratchScript =
+    (evalHost {
+      modules = [
+        mainModule
+        {
+          services.vmd.pki.dir = "${scratch}/pki";
+          services.vmd.guestShareDir = "${scratch}/guests";
+        }
+      ];
+    }).services.vmd.pki.script.text;
+
+  # The vmd-pki script's text (the fake writeShellScript keeps it).
+  scriptText = main.services.vmd.pki.script.text;
+
+  failures = map (c: "${c.name}\n    got: ${builtins.toJSON c.got}") (
+    lib.filter (c: !c.ok) checks
+  );
+in
+{
+  inherit failures;
+  checked = map (c: c.name) checks;
+  render = {
+    inherit settings inventory ensureArgs;
+    pkiScript = scratchScript;
+    vmdPath = "${pkgs.vmd}/bin/vmd";
+    clientToml = clientToml guestTcp;
+  };
+}
