@@ -6,8 +6,9 @@
 //!    `<workspace>/target/guest-cache`) once: the Debian kernel that
 //!    `linux-image-amd64` depends on (`apt-get download`, `dpkg -x`), its
 //!    ELF `vmlinux` (cut out of `vmlinuz` so QEMU boots it via PVH), the
-//!    virtio/vsock modules, busybox (`busybox-static`), a static `vmctl`
-//!    built from this workspace, and `vhost-device-vsock` (`cargo install`).
+//!    virtio/vsock modules, busybox (`busybox-static`), static `vmctl` and
+//!    `vmd` built from this workspace, and `vhost-device-vsock`
+//!    (`cargo install`).
 //! 2. [`Initramfs`] packs busybox, the modules, `vmctl`, the test's files
 //!    and an `/init` that loads the modules, runs the test's shell script
 //!    between `VMD-TEST-BEGIN` and `VMD-TEST-END rc=N` markers on the
@@ -48,8 +49,16 @@ pub const MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport",
 ];
 
-/// Modules cached and packed but not loaded by `/init` (tests load them).
-pub const EXTRA_MODULES: &[&str] = &["virtio_balloon"];
+/// Modules cached and packed but not loaded by `/init` (tests load them,
+/// in this order): the balloon, and virtio-net with its dependencies.
+pub const EXTRA_MODULES: &[&str] = &["virtio_balloon", "failover", "net_failover", "virtio_net"];
+
+/// Shell lines that bring up a guest's virtio-net `eth0` as 10.0.2.15/24
+/// (QEMU user-mode networking's default guest address).
+pub const NET_SETUP: &str = "for m in failover net_failover virtio_net; do \
+                             insmod /lib/modules/$m.ko || echo \"insmod $m failed\"; done\n\
+                             ip link set lo up\n\
+                             ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up\n";
 
 /// The host's CID as a guest sees it.
 pub const HOST_CID: u32 = 2;
@@ -83,6 +92,8 @@ pub struct GuestAssets {
     pub busybox: PathBuf,
     /// A static `vmctl` built from this workspace.
     pub vmctl: PathBuf,
+    /// A static `vmd` built from this workspace (for guests that serve).
+    pub vmd: PathBuf,
     /// The `vhost-device-vsock` binary.
     pub vhost_device_vsock: PathBuf,
 }
@@ -109,7 +120,7 @@ impl GuestAssets {
         let (kernel, modules) = ensure_kernel(&cache);
         let busybox = ensure_busybox();
         let vhost_device_vsock = ensure_vhost_device_vsock();
-        let vmctl = build_static_vmctl(&cache);
+        let (vmctl, vmd) = build_static_binaries(&cache);
         eprintln!(
             "guest assets ready in {:.1?} (cache {})",
             started.elapsed(),
@@ -121,6 +132,7 @@ impl GuestAssets {
             modules,
             busybox,
             vmctl,
+            vmd,
             vhost_device_vsock,
         }
     }
@@ -370,25 +382,30 @@ fn cargo() -> PathBuf {
     std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from)
 }
 
-/// The target the static `vmctl` is built for.
+/// The target the static binaries are built for.
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// Builds `vmctl` with static glibc into `<cache>/vmctl-target` (its own
-/// target directory, so it never invalidates the normal build).
-fn build_static_vmctl(cache: &Path) -> PathBuf {
-    let target_dir = cache.join("vmctl-target");
+/// Builds `vmctl` and `vmd` with static glibc into `<cache>/static-target`
+/// (their own target directory, so they never invalidate the normal
+/// build); returns their paths.
+fn build_static_binaries(cache: &Path) -> (PathBuf, PathBuf) {
+    let target_dir = cache.join("static-target");
     let started = Instant::now();
     let mut cmd = Command::new(cargo());
     cmd.args([
         "build",
         "--quiet",
+        "--release",
+        "--target",
+        STATIC_TARGET,
         "-p",
         "vmd-client",
         "--bin",
         "vmctl",
-        "--release",
-        "--target",
-        STATIC_TARGET,
+        "-p",
+        "vmd",
+        "--bin",
+        "vmd",
     ])
     .current_dir(workspace_root())
     .env("CARGO_TARGET_DIR", &target_dir)
@@ -396,15 +413,21 @@ fn build_static_vmctl(cache: &Path) -> PathBuf {
     // These would override RUSTFLAGS.
     .env_remove("CARGO_ENCODED_RUSTFLAGS")
     .env_remove("CARGO_BUILD_RUSTFLAGS");
-    run(&mut cmd, "building a static vmctl");
-    let vmctl = target_dir.join(STATIC_TARGET).join("release").join("vmctl");
-    assert!(
-        is_static(&vmctl),
-        "{} is not static (crt-static did not take)",
-        vmctl.display()
+    run(&mut cmd, "building static vmctl and vmd");
+    let release = target_dir.join(STATIC_TARGET).join("release");
+    let (vmctl, vmd) = (release.join("vmctl"), release.join("vmd"));
+    for binary in [&vmctl, &vmd] {
+        assert!(
+            is_static(binary),
+            "{} is not static (crt-static did not take)",
+            binary.display()
+        );
+    }
+    eprintln!(
+        "static vmctl and vmd up to date in {:.1?}",
+        started.elapsed()
     );
-    eprintln!("static vmctl up to date in {:.1?}", started.elapsed());
-    vmctl
+    (vmctl, vmd)
 }
 
 /// Whether `path` is an ELF executable without a program interpreter.
@@ -540,6 +563,13 @@ impl Initramfs {
         self.file(path, data, mode)
     }
 
+    /// Adds the static `vmd` at `/bin/vmd` (several MiB: only for guests
+    /// that run the daemon).
+    #[must_use]
+    pub fn with_vmd(self, assets: &GuestAssets) -> Self {
+        self.copy("bin/vmd", &assets.vmd, 0o755)
+    }
+
     /// The shell script `/init` runs (busybox `sh`, `/bin` on `PATH`); its
     /// exit status is reported as `VMD-TEST-END rc=N`.
     #[must_use]
@@ -648,14 +678,24 @@ fn pad4(out: &mut Vec<u8>) {
 /// How long `vhost-device-vsock` may take to create its socket.
 const DEVICE_READY: Duration = Duration::from_secs(10);
 
-/// A `vhost-device-vsock` serving one guest CID in UDS mode; killed (by
-/// PID) when dropped.
+/// One guest's sockets on a [`VsockDevice`].
+#[derive(Clone, Debug)]
+pub struct VsockPorts {
+    /// The guest's CID.
+    pub cid: u32,
+    /// The vhost-user socket QEMU connects to.
+    pub socket: PathBuf,
+    /// The host side of the guest's vsock (see [`VsockDevice::uds`]).
+    pub uds: PathBuf,
+}
+
+/// A `vhost-device-vsock` serving guest CIDs in UDS mode; killed (by PID)
+/// when dropped. Guests of one device are siblings: they reach each
+/// other's CIDs over AF_VSOCK.
 #[derive(Debug)]
 pub struct VsockDevice {
     child: Child,
-    cid: u32,
-    socket: PathBuf,
-    uds: PathBuf,
+    guests: Vec<VsockPorts>,
     log: PathBuf,
 }
 
@@ -667,32 +707,47 @@ impl VsockDevice {
     /// # Panics
     /// If it cannot start or its socket does not appear in time.
     pub async fn start(assets: &GuestAssets, dir: &Path, cid: u32) -> Self {
-        let socket = dir.join(format!("vhost{cid}.sock"));
-        let uds = dir.join(format!("vm{cid}.vsock"));
-        let log = dir.join(format!("vhost{cid}.log"));
+        Self::start_siblings(assets, dir, &[cid]).await
+    }
+
+    /// Starts one device for all of `cids` (sibling guests), sockets named
+    /// as in [`VsockDevice::start`].
+    ///
+    /// # Panics
+    /// As [`VsockDevice::start`].
+    pub async fn start_siblings(assets: &GuestAssets, dir: &Path, cids: &[u32]) -> Self {
+        let guests: Vec<VsockPorts> = cids
+            .iter()
+            .map(|&cid| VsockPorts {
+                cid,
+                socket: dir.join(format!("vhost{cid}.sock")),
+                uds: dir.join(format!("vm{cid}.vsock")),
+            })
+            .collect();
+        let log = dir.join(format!(
+            "vhost{}.log",
+            cids.first().copied().unwrap_or_default()
+        ));
         let out = File::create(&log).expect("vhost-device-vsock log");
         let err = out.try_clone().expect("vhost-device-vsock log");
-        let child = Command::new(&assets.vhost_device_vsock)
-            .arg("--vm")
-            .arg(format!(
-                "guest-cid={cid},socket={},uds-path={}",
-                socket.display(),
-                uds.display()
-            ))
+        let mut cmd = Command::new(&assets.vhost_device_vsock);
+        for guest in &guests {
+            cmd.arg("--vm").arg(format!(
+                "guest-cid={},socket={},uds-path={}",
+                guest.cid,
+                guest.socket.display(),
+                guest.uds.display()
+            ));
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {VHOST_DEVICE_VSOCK}: {e}"));
-        let mut device = Self {
-            child,
-            cid,
-            socket,
-            uds,
-            log,
-        };
+        let mut device = Self { child, guests, log };
         let deadline = Instant::now() + DEVICE_READY;
-        while !device.socket.exists() {
+        while !device.guests.iter().all(|g| g.socket.exists()) {
             if let Some(status) = device.child.try_wait().expect("vhost-device-vsock status") {
                 panic!(
                     "{VHOST_DEVICE_VSOCK} exited with {status}: {}",
@@ -708,22 +763,40 @@ impl VsockDevice {
         device
     }
 
-    /// The guest's CID.
+    /// The sockets of guest `cid`.
+    ///
+    /// # Panics
+    /// If this device does not serve `cid`.
+    pub fn guest(&self, cid: u32) -> &VsockPorts {
+        self.guests
+            .iter()
+            .find(|g| g.cid == cid)
+            .unwrap_or_else(|| panic!("this vsock device does not serve CID {cid}"))
+    }
+
+    fn first(&self) -> &VsockPorts {
+        self.guests
+            .first()
+            .expect("a device serves at least one guest")
+    }
+
+    /// The (first) guest's CID.
     pub fn cid(&self) -> u32 {
-        self.cid
+        self.first().cid
     }
 
-    /// The host side of the guest's vsock: `CONNECT <port>\n` here reaches
-    /// a guest listener; `<uds>_<port>` receives guest connections.
+    /// The host side of the (first) guest's vsock: `CONNECT <port>\n` here
+    /// reaches a guest listener; `<uds>_<port>` receives guest connections.
     pub fn uds(&self) -> &Path {
-        &self.uds
+        &self.first().uds
     }
 
-    /// The unix socket where a guest's connection to host (CID 2) `port`
-    /// arrives; a host listener must be bound there before the guest
-    /// connects (an unserved port gives the guest no reset, only a hang).
+    /// The unix socket where the (first) guest's connection to host (CID
+    /// 2) `port` arrives; a host listener must be bound there before the
+    /// guest connects (an unserved port gives the guest no reset, only a
+    /// hang).
     pub fn host_port(&self, port: u32) -> PathBuf {
-        let mut path = self.uds.clone().into_os_string();
+        let mut path = self.uds().to_path_buf().into_os_string();
         path.push(format!("_{port}"));
         PathBuf::from(path)
     }
@@ -783,33 +856,76 @@ pub struct Guest {
     started: Instant,
 }
 
-impl Guest {
-    /// Boots `initramfs` (a cpio file) under TCG with its serial console in
-    /// `<dir>/console.log`, with the vsock device if given.
+/// How to boot a [`Guest`]: see [`Guest::builder`].
+#[derive(Debug)]
+pub struct GuestBuilder {
+    kernel: PathBuf,
+    dir: PathBuf,
+    initramfs: PathBuf,
+    name: String,
+    vsock: Option<VsockPorts>,
+    forward: Option<(String, u16)>,
+}
+
+impl GuestBuilder {
+    /// Names the guest: its console is `<dir>/<name>.console`, QEMU's
+    /// stderr `<dir>/<name>.qemu.log` (default `guest`).
+    #[must_use]
+    pub fn name(mut self, name: &str) -> Self {
+        name.clone_into(&mut self.name);
+        self
+    }
+
+    /// Gives the guest a vhost-user vsock device on `ports` (one guest of a
+    /// [`VsockDevice`]).
+    #[must_use]
+    pub fn vsock(mut self, ports: &VsockPorts) -> Self {
+        self.vsock = Some(ports.clone());
+        self
+    }
+
+    /// Gives the guest a contained user-mode network (`restrict=on`: no
+    /// route to the host or beyond) whose only way out is `guest_addr`
+    /// (`IP:PORT`, in 10.0.2.0/24) forwarded to the host's loopback
+    /// `host_port`. The guest must load virtio-net and configure `eth0`
+    /// (10.0.2.15/24) itself.
+    #[must_use]
+    pub fn forward_to_host(mut self, guest_addr: &str, host_port: u16) -> Self {
+        self.forward = Some((guest_addr.to_owned(), host_port));
+        self
+    }
+
+    /// Starts QEMU.
     ///
     /// # Panics
     /// If QEMU cannot start.
-    pub fn boot(
-        assets: &GuestAssets,
-        dir: &Path,
-        initramfs: &Path,
-        vsock: Option<&VsockDevice>,
-    ) -> Self {
-        let console = dir.join("console.log");
-        let stderr = dir.join("qemu.log");
+    pub fn boot(self) -> Guest {
+        let console = self.dir.join(format!("{}.console", self.name));
+        let stderr = self.dir.join(format!("{}.qemu.log", self.name));
         let mem = format!("memory-backend-memfd,id=mem,size={GUEST_MEM},share=on");
         let mut cmd = Command::new(QEMU);
         cmd.args(["-M", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1"])
             .args(["-m", GUEST_MEM, "-object", &mem, "-numa", "node,memdev=mem"])
-            .args(["-nographic", "-nic", "none", "-no-reboot"])
+            .args(["-nographic", "-no-reboot"])
             .arg("-kernel")
-            .arg(&assets.kernel)
+            .arg(&self.kernel)
             .arg("-initrd")
-            .arg(initramfs)
+            .arg(&self.initramfs)
             .args(["-append", KERNEL_APPEND]);
-        if let Some(device) = vsock {
+        match &self.forward {
+            None => {
+                cmd.args(["-nic", "none"]);
+            }
+            Some((guest_addr, host_port)) => {
+                cmd.arg("-nic").arg(format!(
+                    "user,model=virtio-net-pci,restrict=on,\
+                     guestfwd=tcp:{guest_addr}-tcp:127.0.0.1:{host_port}"
+                ));
+            }
+        }
+        if let Some(ports) = &self.vsock {
             cmd.arg("-chardev")
-                .arg(format!("socket,id=vsock0,path={}", device.socket.display()))
+                .arg(format!("socket,id=vsock0,path={}", ports.socket.display()))
                 .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
         }
         let started = Instant::now();
@@ -819,12 +935,45 @@ impl Guest {
             .stderr(File::create(&stderr).expect("QEMU log file"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {QEMU} ({e}): apt-get install qemu-system-x86"));
-        Self {
+        Guest {
             child,
             console,
             stderr,
             started,
         }
+    }
+}
+
+impl Guest {
+    /// A guest booting `initramfs` (a cpio file) under TCG, its files in
+    /// `dir`, with no device but the serial console unless the builder
+    /// adds vsock or a network.
+    pub fn builder(assets: &GuestAssets, dir: &Path, initramfs: &Path) -> GuestBuilder {
+        GuestBuilder {
+            kernel: assets.kernel.clone(),
+            dir: dir.to_owned(),
+            initramfs: initramfs.to_owned(),
+            name: "guest".into(),
+            vsock: None,
+            forward: None,
+        }
+    }
+
+    /// Boots `initramfs` with the vsock device's (first) guest if given.
+    ///
+    /// # Panics
+    /// If QEMU cannot start.
+    pub fn boot(
+        assets: &GuestAssets,
+        dir: &Path,
+        initramfs: &Path,
+        vsock: Option<&VsockDevice>,
+    ) -> Self {
+        let mut builder = Self::builder(assets, dir, initramfs);
+        if let Some(device) = vsock {
+            builder = builder.vsock(device.first());
+        }
+        builder.boot()
     }
 
     /// The serial console so far.
@@ -837,6 +986,44 @@ impl Guest {
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits until a console line contains `marker` (the guest keeps
+    /// running), at most `timeout` from boot; returns the console so far.
+    ///
+    /// # Panics
+    /// If the marker does not come in time or QEMU exits first.
+    pub async fn wait_for(&mut self, marker: &str, timeout: Duration) -> String {
+        let deadline = self.started + timeout;
+        loop {
+            let console = self.console();
+            if console.lines().any(|l| l.contains(marker)) {
+                return console;
+            }
+            let exited = self.child.try_wait().expect("QEMU status");
+            if exited.is_some() || Instant::now() > deadline {
+                let why = exited.map_or_else(
+                    || format!("no {marker:?} within {timeout:?}"),
+                    |s| format!("QEMU exited with {s} before {marker:?}"),
+                );
+                self.fail(&why);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn fail(&self, why: &str) -> ! {
+        panic!(
+            "guest failed: {why}\n--- console ---\n{}\n--- QEMU stderr ---\n{}",
+            self.console(),
+            fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+    }
+
+    /// Kills the guest (by PID) and returns its whole console.
+    pub fn kill(mut self) -> String {
+        kill(&mut self.child);
+        self.console()
     }
 
     /// Waits (asynchronously, so host-side tasks of the test keep running)
@@ -875,11 +1062,7 @@ impl Guest {
                     || format!("no {END_MARKER}N within {timeout:?}"),
                     |s| format!("QEMU exited with {s} before {END_MARKER}N"),
                 );
-                panic!(
-                    "guest failed: {why}\n--- console ---\n{}\n--- QEMU stderr ---\n{}",
-                    self.console(),
-                    fs::read_to_string(&self.stderr).unwrap_or_default()
-                );
+                self.fail(&why);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

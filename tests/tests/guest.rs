@@ -25,7 +25,7 @@ use vmd::policy::{Binding, IdentityRule};
 use vmd::transport::ListenAddr;
 use vmd_proto::{Role, VmName};
 use vmd_tests::TestServer;
-use vmd_tests::guest::{Guest, GuestAssets, Initramfs, VsockDevice};
+use vmd_tests::guest::{Guest, GuestAssets, Initramfs, NET_SETUP, VsockDevice};
 
 /// The guest's CID (vhost-device-vsock's own namespace, not the host's).
 const GUEST_CID: u32 = 4;
@@ -202,5 +202,260 @@ async fn vmctl_in_a_guest_without_vsock_fails_to_connect() {
         run.boot,
         run.total,
         started.elapsed(),
+    );
+}
+
+/// A guest without vsock whose only way out is a contained user-mode
+/// network forwarding 10.0.2.100:9876 to the daemon's loopback TCP port:
+/// `vmctl --endpoint auto` (its `client.toml` names that address as
+/// `auto_tcp`) finds no vsock and falls back to TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmctl_auto_falls_back_to_tcp_in_a_guest_without_vsock() {
+    const FORWARDED: &str = "10.0.2.100:9876";
+    let started = Instant::now();
+    let assets = tokio::task::spawn_blocking(GuestAssets::ensure)
+        .await
+        .expect("guest assets are made");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let server = TestServer::start().await;
+    let (cert, key) =
+        server
+            .pki
+            .client_files(server.pki.ca(), "gui-vm", Validity::days_from_now(1));
+    // What the NixOS guest module writes: auto, with the host's address.
+    let client_toml = format!(
+        "endpoints = [\"auto\"]\nauto_tcp = \"tcp://{FORWARDED}\"\n\
+         ca = \"/etc/vmd/ca.pem\"\ncert = \"/etc/vmd/client.pem\"\nkey = \"/etc/vmd/client.key\"\n"
+    );
+    let script = format!(
+        "{NET_SETUP}\
+         vmctl --verbose --endpoint auto --json host > /tmp/out 2> /tmp/err\n\
+         echo \"VMD-RC $?\"\n\
+         echo \"VMD-HOST $(tr -d '\\n' < /tmp/out)\"\n\
+         sed 's/^/VMD-VERBOSE /' /tmp/err\n"
+    );
+    let initramfs = dir.path().join("initramfs.cpio");
+    Initramfs::new(&assets)
+        .copy("etc/vmd/ca.pem", &server.pki.ca_cert(), 0o644)
+        .copy("etc/vmd/client.pem", &cert, 0o644)
+        .copy("etc/vmd/client.key", &key, 0o600)
+        .file("etc/vmd/client.toml", client_toml, 0o644)
+        .script(&script)
+        .write(&initramfs);
+
+    let run = Guest::builder(&assets, dir.path(), &initramfs)
+        .forward_to_host(FORWARDED, server.tcp_addr().port())
+        .boot()
+        .wait(GUEST_TIMEOUT)
+        .await;
+    assert_eq!(run.rc, 0, "guest script failed:\n{}", run.console);
+    assert_eq!(
+        run.tagged("VMD-RC").next(),
+        Some("0"),
+        "vmctl over the fallback:\n{}",
+        run.console
+    );
+    let verbose: Vec<&str> = run.tagged("VMD-VERBOSE").collect();
+    // First vsock, which fails at once (no device: an error, not a wait),
+    // then the forwarded TCP address, which answers.
+    match &verbose[..] {
+        [vsock, tcp] => {
+            assert!(
+                vsock.starts_with("vmctl: vsock://2:9876 failed after"),
+                "{verbose:?}"
+            );
+            assert!(
+                !vsock.contains("timed out"),
+                "vsock must fail, not time out: {vsock}"
+            );
+            assert!(
+                tcp.starts_with(&format!("vmctl: connected to tcp://{FORWARDED} in ")),
+                "{verbose:?}"
+            );
+        }
+        other => panic!("expected a vsock failure then a TCP connection, got {other:?}"),
+    }
+    let client = server.client("tcp-check").await;
+    let expected = serde_json::to_value(client.host().await.expect("host over TCP"))
+        .expect("host info as JSON");
+    assert_eq!(
+        tagged_json(&run, "VMD-HOST")["hostname"],
+        expected["hostname"],
+        "the guest reached this daemon"
+    );
+    drop(client);
+    server.stop().await;
+    println!(
+        "auto fallback in a guest: {}; guest boot {:.2?}, whole test {:.2?}",
+        verbose.join(" / "),
+        run.boot,
+        started.elapsed()
+    );
+}
+
+/// Console lines of a guest that are JSON log records (vmd's, run inside
+/// the guest with `--log-format json`).
+fn json_records(console: &str) -> Vec<Value> {
+    console
+        .lines()
+        .filter_map(|l| l.find('{').map(|at| &l[at..]))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// vmd's own AF_VSOCK listener, with peer CIDs reported by a real guest
+/// kernel: vmd runs inside guest A (CID 4); vmctl runs in guest B (CID 5)
+/// and then in guest C (CID 6), all behind one `vhost-device-vsock`, so
+/// they reach A's CID over AF_VSOCK as siblings. The policy binds the
+/// `gui-vm` identity to CID 5: B is served; the same certificate from C
+/// is refused, and vmd audits both with the kernel's peer CID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmd_in_a_guest_binds_identities_to_kernel_reported_cids() {
+    const SERVER_CID: u32 = 4;
+    const BOUND_CID: u32 = 5;
+    const OTHER_CID: u32 = 6;
+    let started = Instant::now();
+    let assets = tokio::task::spawn_blocking(GuestAssets::ensure)
+        .await
+        .expect("guest assets are made");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let pki = vmd_tests::TestPki::new();
+    let server_tls = pki.server_paths();
+    let (cert, key) = pki.client_files(pki.ca(), "gui-vm", Validity::days_from_now(1));
+    let device =
+        VsockDevice::start_siblings(&assets, dir.path(), &[SERVER_CID, BOUND_CID, OTHER_CID]).await;
+
+    // Guest A: vmd on AF_VSOCK only, gui-vm bound to CID 5.
+    let vmd_toml = format!(
+        "[listen]\ntcp = []\n[listen.vsock]\nenable = true\nport = {PORT}\nrequired = true\n\
+         [tls]\nca = \"/etc/vmd/ca.pem\"\ncert = \"/etc/vmd/server.pem\"\nkey = \"/etc/vmd/server.key\"\n\
+         [log]\nformat = \"json\"\nlevel = \"info\"\n\
+         [vms]\nstate_dir = \"/tmp/microvms\"\ninventory = \"/etc/vmd/inventory.toml\"\n\
+         [[policy.identity]]\nname = \"gui-vm\"\nrole = \"reader\"\nbind_cid = {BOUND_CID}\n"
+    );
+    let server_script = "mkdir -p /tmp/microvms\n\
+         vmd serve --config /etc/vmd/vmd.toml > /tmp/vmd.log 2>&1 &\n\
+         tail -f /tmp/vmd.log &\n\
+         i=0; until grep -q '\"listening\"' /tmp/vmd.log; do\n\
+         \x20 i=$((i+1)); [ $i -gt 600 ] && { echo 'vmd did not listen'; exit 1; }; usleep 50000\n\
+         done\n\
+         echo VMD-SERVER-READY\n\
+         sleep 600\n";
+    let server_image = dir.path().join("server.cpio");
+    Initramfs::new(&assets)
+        .with_vmd(&assets)
+        .copy("etc/vmd/ca.pem", &server_tls.ca, 0o644)
+        .copy("etc/vmd/server.pem", &server_tls.cert, 0o644)
+        .copy("etc/vmd/server.key", &server_tls.key, 0o600)
+        .file("etc/vmd/vmd.toml", vmd_toml, 0o644)
+        .file(
+            "etc/vmd/inventory.toml",
+            "[vm.gui-vm]\nvsock_cid = 5\n",
+            0o644,
+        )
+        .script(server_script)
+        .write(&server_image);
+
+    // Guests B and C: the same client image, the same certificate.
+    let client_script = format!(
+        "vmctl --endpoint vsock://{SERVER_CID}:{PORT} --ca /etc/vmd/ca.pem \
+         --cert /etc/vmd/client.pem --key /etc/vmd/client.key --json host > /tmp/out 2>&1\n\
+         echo \"VMD-RC $?\"\n\
+         echo \"VMD-OUT $(tr -d '\\n' < /tmp/out)\"\n"
+    );
+    let client_image = dir.path().join("client.cpio");
+    Initramfs::new(&assets)
+        .copy("etc/vmd/ca.pem", &server_tls.ca, 0o644)
+        .copy("etc/vmd/client.pem", &cert, 0o644)
+        .copy("etc/vmd/client.key", &key, 0o600)
+        .script(&client_script)
+        .write(&client_image);
+
+    let mut server = Guest::builder(&assets, dir.path(), &server_image)
+        .name("a")
+        .vsock(device.guest(SERVER_CID))
+        .boot();
+    server.wait_for("VMD-SERVER-READY", GUEST_TIMEOUT).await;
+    let server_ready = started.elapsed();
+    // One guest at a time: two guests negotiating vhost-user with the
+    // device at once can wedge it.
+    let mut runs = Vec::new();
+    for (name, cid) in [("b", BOUND_CID), ("c", OTHER_CID)] {
+        let run = Guest::builder(&assets, dir.path(), &client_image)
+            .name(name)
+            .vsock(device.guest(cid))
+            .boot()
+            .wait(GUEST_TIMEOUT)
+            .await;
+        assert_eq!(run.rc, 0, "guest {name} script failed:\n{}", run.console);
+        runs.push(run);
+    }
+    // The guest's `tail -f` copies vmd's log to the console once a second.
+    server
+        .wait_for(&format!("\"peer\":\"vsock:{OTHER_CID}:"), GUEST_TIMEOUT)
+        .await;
+    let server_console = server.kill();
+    let (bound, other) = (&runs[0], &runs[1]);
+
+    // B, from CID 5: served, with guest A's host facts.
+    assert_eq!(
+        bound.tagged("VMD-RC").next(),
+        Some("0"),
+        "from CID {BOUND_CID}:\n{}\n--- guest A ---\n{server_console}\n--- vhost-device-vsock ---\n{}",
+        bound.console,
+        device.log()
+    );
+    let host = tagged_json(bound, "VMD-OUT");
+    // Facts of guest A (256 MiB, no /dev/kvm), not of this machine.
+    assert!(host["virtualization"]["Unavailable"].is_object(), "{host}");
+    assert!(
+        host["memory"]["total"]
+            .as_u64()
+            .is_some_and(|b| b <= 256 << 20),
+        "{host}"
+    );
+    // C, from CID 6, with B's certificate: refused, and told why.
+    let refused = other.tagged("VMD-OUT").next().unwrap_or_default();
+    assert_eq!(
+        other.tagged("VMD-RC").next(),
+        Some("1"),
+        "{}",
+        other.console
+    );
+    assert!(
+        refused.contains(&format!(
+            "gui-vm is bound to CID {BOUND_CID} but connected from CID {OTHER_CID}"
+        )),
+        "{refused}"
+    );
+
+    // vmd's audit log in guest A names the kernel-reported peer CIDs.
+    let records = json_records(&server_console);
+    let audited = |cid: u32, result: &str| {
+        records.iter().any(|r| {
+            let f = &r["fields"];
+            r["target"] == "vmd::audit"
+                && f["event"] == "connection"
+                && f["identity"] == "gui-vm"
+                && f["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("vsock:{cid}:")))
+                && f["result"].as_str().is_some_and(|r| r.starts_with(result))
+        })
+    };
+    assert!(
+        audited(BOUND_CID, "admitted"),
+        "admission from CID {BOUND_CID} audited:\n{server_console}"
+    );
+    assert!(
+        audited(OTHER_CID, "refused: gui-vm is bound to CID 5"),
+        "refusal from CID {OTHER_CID} audited:\n{server_console}"
+    );
+    println!(
+        "vmd in guest A ready after {server_ready:.2?}; guest B {:.2?}, guest C {:.2?}; \
+         whole test {:.2?}",
+        bound.total,
+        other.total,
+        started.elapsed()
     );
 }

@@ -262,7 +262,10 @@ pub enum Denial {
         ip: IpAddr,
     },
     /// The vsock peer is not the VM the identity is bound to.
-    #[error("{identity} is bound to CID {expected:?} but connected from CID {actual}")]
+    #[error(
+        "{identity} is bound to {} but connected from CID {actual}",
+        expected.map_or_else(|| "a VM with no declared CID".to_owned(), |c| format!("CID {c}"))
+    )]
     Cid {
         /// The identity.
         identity: String,
