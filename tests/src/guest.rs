@@ -1075,6 +1075,26 @@ impl Drop for Guest {
     }
 }
 
+/// Live processes whose command line mentions `dir` (a test's temporary
+/// directory, which every QEMU and `vhost-device-vsock` of the test names
+/// in its arguments), as `(pid, command line)`: after a test dropped its
+/// guests and devices there must be none.
+pub fn processes_using(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&needle).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
 /// The status in the console's `VMD-TEST-END rc=N` line.
 fn end_rc(console: &str) -> Option<i32> {
     // The marker may follow console output that ended without a newline.

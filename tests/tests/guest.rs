@@ -25,7 +25,7 @@ use vmd::policy::{Binding, IdentityRule};
 use vmd::transport::ListenAddr;
 use vmd_proto::{Role, VmName};
 use vmd_tests::TestServer;
-use vmd_tests::guest::{Guest, GuestAssets, Initramfs, NET_SETUP, VsockDevice};
+use vmd_tests::guest::{Guest, GuestAssets, Initramfs, NET_SETUP, VsockDevice, processes_using};
 
 /// The guest's CID (vhost-device-vsock's own namespace, not the host's).
 const GUEST_CID: u32 = 4;
@@ -35,6 +35,12 @@ const PORT: u32 = 9876;
 
 /// A TCG boot plus two TLS sessions takes seconds; this bounds a hang.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Fails if any process the test started outlived it.
+fn assert_no_strays(dir: &std::path::Path) {
+    let strays = processes_using(dir);
+    assert!(strays.is_empty(), "processes outlived the test: {strays:?}");
+}
 
 /// The JSON a guest line tagged `tag` carries.
 fn tagged_json(run: &vmd_tests::guest::GuestRun, tag: &str) -> Value {
@@ -148,6 +154,8 @@ async fn vmctl_in_a_guest_reaches_the_daemon_over_vsock() {
     );
     drop(client);
     server.stop().await;
+    drop(device);
+    assert_no_strays(dir.path());
 
     println!(
         "guest over vsock: assets {assets_ready:.1?}, guest boot {:.2?}, guest run {:.2?}, \
@@ -197,6 +205,7 @@ async fn vmctl_in_a_guest_without_vsock_fails_to_connect() {
         "vmctl's exit status without vsock:\n{}",
         run.console
     );
+    assert_no_strays(dir.path());
     println!(
         "guest without vsock: guest boot {:.2?}, guest run {:.2?}, whole test {:.2?}",
         run.boot,
@@ -285,6 +294,7 @@ async fn vmctl_auto_falls_back_to_tcp_in_a_guest_without_vsock() {
     );
     drop(client);
     server.stop().await;
+    assert_no_strays(dir.path());
     println!(
         "auto fallback in a guest: {}; guest boot {:.2?}, whole test {:.2?}",
         verbose.join(" / "),
@@ -333,7 +343,10 @@ async fn vmd_in_a_guest_binds_identities_to_kernel_reported_cids() {
          [vms]\nstate_dir = \"/tmp/microvms\"\ninventory = \"/etc/vmd/inventory.toml\"\n\
          [[policy.identity]]\nname = \"gui-vm\"\nrole = \"reader\"\nbind_cid = {BOUND_CID}\n"
     );
+    // The log file exists before `tail -f` opens it (a background
+    // redirection may come after `tail` starts).
     let server_script = "mkdir -p /tmp/microvms\n\
+         : > /tmp/vmd.log\n\
          vmd serve --config /etc/vmd/vmd.toml > /tmp/vmd.log 2>&1 &\n\
          tail -f /tmp/vmd.log &\n\
          i=0; until grep -q '\"listening\"' /tmp/vmd.log; do\n\
@@ -451,6 +464,8 @@ async fn vmd_in_a_guest_binds_identities_to_kernel_reported_cids() {
         audited(OTHER_CID, "refused: gui-vm is bound to CID 5"),
         "refusal from CID {OTHER_CID} audited:\n{server_console}"
     );
+    drop(device);
+    assert_no_strays(dir.path());
     println!(
         "vmd in guest A ready after {server_ready:.2?}; guest B {:.2?}, guest C {:.2?}; \
          whole test {:.2?}",
