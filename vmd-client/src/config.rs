@@ -45,10 +45,12 @@ pub enum ConfigError {
         message: String,
     },
     /// An endpoint does not parse.
-    #[error("{}: endpoints", path.display())]
+    #[error("{}: {key}", path.display())]
     Endpoint {
         /// The file.
         path: PathBuf,
+        /// The key that holds it (`endpoints`, `auto_tcp`).
+        key: &'static str,
         /// What is wrong.
         #[source]
         source: EndpointError,
@@ -148,13 +150,16 @@ impl ClientConfig {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let defaults = Self::default();
-        let endpoint_err = |source| ConfigError::Endpoint {
-            path: path.to_owned(),
-            source,
+        let endpoint_err = |key| {
+            move |source| ConfigError::Endpoint {
+                path: path.to_owned(),
+                key,
+                source,
+            }
         };
         let auto_tcp = match file.auto_tcp {
             None => defaults.auto_tcp,
-            Some(text) => match text.parse().map_err(endpoint_err)? {
+            Some(text) => match text.parse().map_err(endpoint_err("auto_tcp"))? {
                 tcp @ Endpoint::Tcp { .. } => tcp,
                 other => {
                     return Err(ConfigError::Parse {
@@ -169,8 +174,10 @@ impl ClientConfig {
             Some(list) => {
                 let mut endpoints = Vec::new();
                 for e in list {
-                    endpoints
-                        .extend(Endpoint::parse_list_via(&e, &auto_tcp).map_err(endpoint_err)?);
+                    endpoints.extend(
+                        Endpoint::parse_list_via(&e, &auto_tcp)
+                            .map_err(endpoint_err("endpoints"))?,
+                    );
                 }
                 endpoints
             }

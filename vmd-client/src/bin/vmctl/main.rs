@@ -123,6 +123,9 @@ enum Command {
         #[command(flatten)]
         wait: Wait,
     },
+    /// Show the settings vmctl would use (config file, then flags),
+    /// without connecting or reading the certificates.
+    Config,
     /// Show an operation (`op-7` or `7`).
     Op {
         /// The operation id.
@@ -185,14 +188,17 @@ fn check_endpoint(text: &str) -> Result<String, vmd_client::endpoint::EndpointEr
     Endpoint::parse_list(text).map(|_| text.to_owned())
 }
 
-/// Config file, then flags on top.
-fn settings(args: &Args) -> Result<ClientConfig, Failure> {
-    let mut config = if args.dev {
-        ClientConfig::dev()
+/// Config file, then flags on top; also names the file used, if any.
+fn settings(args: &Args) -> Result<(ClientConfig, Option<PathBuf>), Failure> {
+    let (mut config, file) = if args.dev {
+        (ClientConfig::dev(), None)
     } else {
         match args.config.clone().or_else(ClientConfig::find) {
-            Some(path) => ClientConfig::load(&path).map_err(|e| Failure::Usage(error_chain(&e)))?,
-            None => ClientConfig::default(),
+            Some(path) => (
+                ClientConfig::load(&path).map_err(|e| Failure::Usage(error_chain(&e)))?,
+                Some(path),
+            ),
+            None => (ClientConfig::default(), None),
         }
     };
     if !args.endpoint.is_empty() {
@@ -218,11 +224,39 @@ fn settings(args: &Args) -> Result<ClientConfig, Failure> {
     if let Some(ms) = args.timeout_ms {
         config.connect_timeout = Duration::from_millis(ms);
     }
-    Ok(config)
+    Ok((config, file))
+}
+
+/// `vmctl config`: the effective settings.
+fn show_config(config: &ClientConfig, file: Option<&std::path::Path>, json: bool) {
+    let endpoints: Vec<String> = config.endpoints.iter().map(ToString::to_string).collect();
+    let source = file.map_or_else(
+        || "built-in defaults".to_owned(),
+        |p| p.display().to_string(),
+    );
+    if json {
+        let value = serde_json::json!({
+            "file": file,
+            "endpoints": endpoints,
+            "auto_tcp": config.auto_tcp.to_string(),
+            "ca": config.ca,
+            "cert": config.cert,
+            "key": config.key,
+            "server_name": config.server_name,
+            "connect_timeout_ms": config.connect_timeout.as_millis(),
+        });
+        println!("{value:#}");
+    } else {
+        println!("{}", output::config(&source, &endpoints, config));
+    }
 }
 
 async fn run(args: Args) -> Result<(), Failure> {
-    let config = settings(&args)?;
+    let (config, file) = settings(&args)?;
+    if matches!(args.command, Command::Config) {
+        show_config(&config, file.as_deref(), args.json);
+        return Ok(());
+    }
     let tls = ClientTls::from_files(&config.ca, &config.cert, &config.key, &config.server_name)
         .map_err(|e| {
             let hint = if args.dev {
@@ -317,6 +351,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             (client.resize(&vm, vcpus, memory).await, wait)
         }
         Command::Op { id, wait } => (client.get_operation(id).await, wait),
+        Command::Config => return Ok(()),
     };
     let mut op = op.map_err(fail)?;
     if wait.wait {

@@ -28,6 +28,29 @@ fn pairs(rows: &[(&str, String)]) -> String {
     out
 }
 
+/// `vmctl config`.
+pub(crate) fn config(
+    source: &str,
+    endpoints: &[String],
+    config: &vmd_client::ClientConfig,
+) -> String {
+    pairs(&[
+        ("file", source.to_owned()),
+        ("endpoints", endpoints.join(", ")),
+        ("auto_tcp", config.auto_tcp.to_string()),
+        ("ca", config.ca.display().to_string()),
+        ("cert", config.cert.display().to_string()),
+        ("key", config.key.display().to_string()),
+        ("server_name", config.server_name.clone()),
+        (
+            "connect_timeout",
+            format!("{} ms", config.connect_timeout.as_millis()),
+        ),
+    ])
+    .trim_end()
+    .to_owned()
+}
+
 fn or_dash<T: ToString>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
