@@ -27,6 +27,21 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` for the command line's output that does not panic when
+/// stdout is closed early (`vmd pki show | head -1`): what the reader left
+/// unread is its choice, not an error of ours.
+#[macro_export]
+macro_rules! say {
+    () => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod audit;
 pub mod backend;
 pub mod cli;

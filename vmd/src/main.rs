@@ -10,6 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use vmd::cli::{Cli, Command, Serve, ServeArgs};
 use vmd::pki::{self, EnsureSpec, PkiLayout};
+use vmd::say;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -99,23 +100,23 @@ fn check_config(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     // The inventory is read on every request; a broken one would fail them
     // all, so a check that passes must have read it too.
     let vms = config.vms.inventory.load()?;
-    println!("configuration is valid");
+    say!("configuration is valid");
     for addr in &config.tcp {
-        println!("  listen tcp://{addr}");
+        say!("  listen tcp://{addr}");
     }
     if let Some(vsock) = config.vsock {
-        println!("  listen vsock://any:{}", vsock.port);
+        say!("  listen vsock://any:{}", vsock.port);
     }
-    println!("  ca   {}", config.tls.ca.display());
-    println!("  cert {}", config.tls.cert.display());
+    say!("  ca   {}", config.tls.ca.display());
+    say!("  cert {}", config.tls.cert.display());
     let names: Vec<&str> = vms.iter().map(|vm| vm.name.as_str()).collect();
     match &config.vms.inventory.file {
-        Some(file) => println!(
+        Some(file) => say!(
             "  inventory {} + {}: {names:?}",
             file.display(),
             config.vms.inventory.state_dir.display()
         ),
-        None => println!(
+        None => say!(
             "  inventory {}: {names:?}",
             config.vms.inventory.state_dir.display()
         ),
@@ -142,9 +143,7 @@ fn reload(pid: Option<u32>) -> Result<(), Box<dyn Error>> {
     if !status.success() {
         return Err(format!("could not signal PID {pid}").into());
     }
-    println!(
-        "asked vmd (PID {pid}) to reload; its log says whether the new configuration was taken"
-    );
+    say!("asked vmd (PID {pid}) to reload; its log says whether the new configuration was taken");
     Ok(())
 }
 

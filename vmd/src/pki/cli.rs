@@ -119,11 +119,11 @@ pub fn run_command(cmd: PkiCommand) -> Result<(), PkiError> {
             let layout = PkiLayout::new(dir);
             let report = ensure(&layout, &spec)?;
             if report.is_unchanged() {
-                println!("CA already exists: {}", layout.ca_cert().display());
+                say!("CA already exists: {}", layout.ca_cert().display());
             } else {
-                println!("{report}");
+                say!("{report}");
             }
-            println!("{}", CertSummary::from_pem_file(&layout.ca_cert())?);
+            say!("{}", CertSummary::from_pem_file(&layout.ca_cert())?);
         }
         PkiCommand::IssueServer {
             dir,
@@ -169,18 +169,18 @@ pub fn run_command(cmd: PkiCommand) -> Result<(), PkiError> {
                 renew_before_days,
             };
             let report = ensure(&PkiLayout::new(dir), &spec)?;
-            println!("{report}");
+            say!("{report}");
         }
         PkiCommand::Show { path } => show(&path)?,
         PkiCommand::Revoke { dir, name } => {
             let layout = PkiLayout::new(dir);
             let report = super::revoke(&layout, &layout.client_cert(&name))?;
             if report.already_revoked {
-                println!("{name} was already revoked");
+                say!("{name} was already revoked");
             } else {
-                println!("revoked {name}");
+                say!("revoked {name}");
             }
-            println!(
+            say!(
                 "{}: {} revoked certificate(s); reload vmd (SIGHUP) to apply",
                 report.crl.display(),
                 report.revoked.len()
@@ -210,13 +210,13 @@ fn issue(
     let cert_existed = store::read_optional(cert_path)?.is_some();
     store::write_issued(cert_path, key_path, &issued)?;
     let verb = if cert_existed { "renewed" } else { "created" };
-    println!("{verb:<10}{}", cert_path.display());
+    say!("{verb:<10}{}", cert_path.display());
     if key.is_some() {
-        println!("{:<10}{}", "kept", key_path.display());
+        say!("{:<10}{}", "kept", key_path.display());
     } else {
-        println!("{:<10}{}", "created", key_path.display());
+        say!("{:<10}{}", "created", key_path.display());
     }
-    println!("{}", CertSummary::from_pem_file(cert_path)?);
+    say!("{}", CertSummary::from_pem_file(cert_path)?);
     Ok(())
 }
 
@@ -264,11 +264,11 @@ fn show(path: &Path) -> Result<(), PkiError> {
         }
     }
     if files.is_empty() {
-        println!("no certificates in {}", path.display());
+        say!("no certificates in {}", path.display());
     }
     for (i, file) in files.iter().enumerate() {
         if i > 0 {
-            println!();
+            say!();
         }
         show_file(file)?;
     }
@@ -295,10 +295,10 @@ fn show_file(path: &Path) -> Result<(), PkiError> {
             other => other,
         })?;
         if count > 0 {
-            println!();
+            say!();
         }
-        println!("== {}", path.display());
-        println!("{summary}");
+        say!("== {}", path.display());
+        say!("{summary}");
         count += 1;
     }
     if count == 0 {
