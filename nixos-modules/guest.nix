@@ -18,8 +18,7 @@ let
   cfg = config.programs.vmctl;
   format = pkgs.formats.toml { };
 
-  # The client.toml key for the TCP address `auto` falls back to. One
-  # place to rename it if vmd-client settles on another name.
+  # client.toml's key for the TCP endpoint `auto` falls back to.
   autoTcpKey = "auto_tcp";
 
   clientConfig = {
@@ -29,7 +28,9 @@ let
     key = "${cfg.tlsDir}/client.key";
     server_name = cfg.serverName;
   }
-  // lib.optionalAttrs (cfg.hostAddress != null) { ${autoTcpKey} = cfg.hostAddress; }
+  // lib.optionalAttrs (cfg.hostAddress != null) {
+    ${autoTcpKey} = "tcp://${cfg.hostAddress}";
+  }
   // lib.optionalAttrs (cfg.connectTimeoutMs != null) { connect_timeout_ms = cfg.connectTimeoutMs; };
 in
 {
@@ -61,9 +62,9 @@ in
       default = null;
       example = "192.168.100.1:9876";
       description = ''
-        `HOST:PORT` that `auto` falls back to over TCP when vsock fails
-        (rendered as `${autoTcpKey}`; needs a vmctl that knows that key).
-        null: vmctl's built-in fallback.
+        `HOST:PORT` (IPv6 in brackets) that `auto` falls back to over TCP
+        when vsock fails, rendered as `${autoTcpKey} = "tcp://HOST:PORT"`.
+        null: vmctl's built-in fallback, loopback.
       '';
     };
 

@@ -478,7 +478,7 @@ let
     {
       name = "guest: hostAddress renders auto_tcp";
       ok =
-        (clientToml guestTcp).auto_tcp == "192.168.100.1:9876"
+        (clientToml guestTcp).auto_tcp == "tcp://192.168.100.1:9876"
         && (clientToml guestTcp).connect_timeout_ms == 500
         && guest.environment.systemPackages == [ pkgs.vmd ];
       got = clientToml guestTcp;
