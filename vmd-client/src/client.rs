@@ -504,12 +504,26 @@ impl Client {
         }
     }
 
-    /// Long-polls for state changes after generation `since`.
+    /// One long-poll: waits (up to `timeout_ms`, capped by the server)
+    /// until a VM of `vms` (empty: every VM you may see) changed after
+    /// generation `since` (0: answer at once with a full snapshot).
     ///
     /// # Errors
     /// As [`Client::call`].
-    pub async fn watch(&self, since: u64, timeout_ms: u32) -> Result<WatchEvent, ClientError> {
-        match self.call(Op::Watch { since, timeout_ms }).await? {
+    pub async fn watch(
+        &self,
+        since: u64,
+        vms: Vec<VmName>,
+        timeout_ms: u32,
+    ) -> Result<WatchEvent, ClientError> {
+        match self
+            .call(Op::Watch {
+                since,
+                vms,
+                timeout_ms,
+            })
+            .await?
+        {
             Reply::Changed(event) => Ok(event),
             _ => Err(ClientError::UnexpectedReply("watch")),
         }

@@ -236,6 +236,7 @@ mod tests {
             },
             Op::Watch {
                 since: 17,
+                vms: vec![VmName::new("gui-vm").expect("valid")],
                 timeout_ms: 60_000,
             },
         ]
@@ -326,7 +327,9 @@ mod tests {
             Reply::Operation(op),
             Reply::Changed(WatchEvent {
                 generation: 18,
-                changed: vec![vm("gui-vm")],
+                snapshot: false,
+                changed: vec![sample_vm()],
+                removed: vec![vm("net-vm")],
             }),
         ];
         for (id, reply) in (0..).zip(replies) {

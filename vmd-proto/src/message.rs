@@ -116,11 +116,17 @@ pub enum Op {
         /// Longest wait, in milliseconds (the server caps it).
         timeout_ms: u32,
     },
-    /// Long-poll: reply [`Reply::Changed`] once the server's state
-    /// generation passes `since`, or when `timeout_ms` passes.
+    /// Long-poll for changes: reply [`Reply::Changed`] at once if a VM
+    /// the caller may see (and named in `vms`, if any) changed after
+    /// generation `since`, else as soon as one does, or with nothing
+    /// changed when `timeout_ms` passes. Other requests on the connection
+    /// are served meanwhile.
     Watch {
-        /// The last generation the client has seen (0 for none).
+        /// The generation of the caller's last [`WatchEvent`]; 0 (or a
+        /// generation of an earlier daemon run) for a full snapshot.
         since: u64,
+        /// Only these VMs; empty for every VM the caller may see.
+        vms: Vec<VmName>,
         /// Longest wait, in milliseconds (the server caps it).
         timeout_ms: u32,
     },
@@ -465,11 +471,18 @@ pub enum OperationStatus {
 /// The answer to [`Op::Watch`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchEvent {
-    /// The server's state generation now; pass it as the next `since`.
+    /// The server's generation now; pass it as the next `since`.
+    /// Generations only grow, also across daemon restarts.
     pub generation: u64,
-    /// VMs whose state changed after `since` (empty on timeout, or when the
-    /// server cannot tell which: then re-list).
-    pub changed: Vec<VmName>,
+    /// Whether this is a full snapshot (`since` was 0 or unknown to this
+    /// daemon run): `changed` then holds every watched VM, and VMs the
+    /// caller knew but that are not in it are gone.
+    pub snapshot: bool,
+    /// Fresh information on each watched VM that changed after `since`
+    /// (empty when the wait timed out).
+    pub changed: Vec<VmInfo>,
+    /// Watched VMs that changed after `since` and no longer exist.
+    pub removed: Vec<VmName>,
 }
 
 impl fmt::Display for OperationStatus {

@@ -93,8 +93,13 @@ fn op() -> impl Strategy<Value = Op> {
         operation_id().prop_map(|id| Op::GetOperation { id }),
         (operation_id(), any::<u32>())
             .prop_map(|(id, timeout_ms)| Op::WaitOperation { id, timeout_ms }),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(since, timeout_ms)| Op::Watch { since, timeout_ms }),
+        (any::<u64>(), vec(vm_name(), 0..4), any::<u32>()).prop_map(|(since, vms, timeout_ms)| {
+            Op::Watch {
+                since,
+                vms,
+                timeout_ms,
+            }
+        }),
     ]
 }
 
@@ -324,12 +329,20 @@ fn reply() -> impl Strategy<Value = Reply> {
         vm_info().prop_map(Reply::Vm),
         operation_info().prop_map(Reply::Accepted),
         operation_info().prop_map(Reply::Operation),
-        (any::<u64>(), vec(vm_name(), 0..4)).prop_map(|(generation, changed)| Reply::Changed(
-            WatchEvent {
-                generation,
-                changed
-            }
-        )),
+        (
+            any::<u64>(),
+            any::<bool>(),
+            vec(vm_info(), 0..3),
+            vec(vm_name(), 0..3)
+        )
+            .prop_map(|(generation, snapshot, changed, removed)| Reply::Changed(
+                WatchEvent {
+                    generation,
+                    snapshot,
+                    changed,
+                    removed,
+                }
+            )),
     ]
 }
 
