@@ -246,3 +246,52 @@ async fn watchers_are_woken_only_for_their_own_vms() {
     assert!(event.removed.is_empty());
     rig.server.stop().await;
 }
+
+/// The bus going away ends vmd's signal subscription: pending watches are
+/// answered with a full snapshot (events may have been lost). Once the bus
+/// is back, the next watch subscribes again and sees changes made outside
+/// vmd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_resubscribe_after_the_bus_returns() {
+    let rig = rig().await;
+    let admin = rig.server.client("admin").await;
+    let since = snapshot(&admin).await;
+    let pending = tokio::spawn({
+        let admin = admin.clone();
+        async move { admin.watch(since, Vec::new(), HOLD_MS).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    rig.container.stop_bus().await;
+    let event = pending.await.expect("task").expect("watch");
+    assert!(event.snapshot, "lost signals answer a snapshot: {event:?}");
+    assert_eq!(names(&event), [GUI, NET]);
+
+    rig.container.start_bus().await;
+    // The first watch after the return resubscribes (its answer may be
+    // another snapshot while systemd's state settles); then a change made
+    // with systemctl wakes a held watch.
+    let since = admin
+        .watch(event.generation, Vec::new(), 1)
+        .await
+        .expect("watch after the bus returned")
+        .generation;
+    let watching = tokio::spawn({
+        let admin = admin.clone();
+        async move {
+            watch_until(&admin, since, &[NET], |e| {
+                state_of(e, NET) == Some(VmState::Running)
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    rig.container
+        .systemctl(&["start", &format!("microvm@{NET}.service")])
+        .await;
+    let (event, waited) = watching.await.expect("watch task");
+    println!(
+        "after the bus returned, systemctl start woke the watch in {waited:.1?}: {:?}",
+        state_of(&event, NET)
+    );
+    rig.server.stop().await;
+}
