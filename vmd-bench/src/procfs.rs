@@ -289,3 +289,42 @@ pub(crate) async fn startup(
         .float("first_reply_ms_p50", ms(&mut reply, 500), 2)
         .float("first_reply_ms_max", ms(&mut reply, 1000), 2))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_process_is_sampled() {
+        let sample = Sample::of(std::process::id()).expect("this process is alive");
+        assert!(sample.threads >= 1);
+        assert!(sample.rss_kib > 0 && sample.hwm_kib >= sample.rss_kib);
+        assert!(sample.voluntary + sample.involuntary > 0, "{sample:?}");
+    }
+
+    #[test]
+    fn cpu_time_only_grows() {
+        let clock = CpuClock::of(std::process::id());
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(clock.elapsed().is_some());
+    }
+
+    #[test]
+    fn a_missing_process_is_none() {
+        // PIDs are below 2^22 on Linux.
+        assert!(Sample::of(u32::MAX).is_none());
+        assert!(CpuClock::of(u32::MAX).elapsed().is_none());
+    }
+
+    #[test]
+    fn status_fields_parse_with_units() {
+        let status = "Name:\tvmd\nVmRSS:\t   6604 kB\nvoluntary_ctxt_switches:\t12\n";
+        assert_eq!(status_field(status, "VmRSS:"), Some(6604));
+        assert_eq!(status_field(status, "voluntary_ctxt_switches:"), Some(12));
+        assert_eq!(status_field(status, "VmHWM:"), None);
+    }
+}
