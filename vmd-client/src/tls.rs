@@ -1,4 +1,9 @@
 //! Client TLS: the vmd CA as the only root, a client certificate, TLS 1.3.
+//!
+//! Session resumption is on: a [`ClientTls`] keeps the TLS 1.3 tickets vmd
+//! sends (in memory, [`RESUMPTION_CACHE`] servers), and its clones share
+//! them, so reconnecting with the same `ClientTls` resumes instead of
+//! repeating the certificate exchange.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,6 +14,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// The ALPN protocol name (must match the daemon's).
 pub const ALPN: &[u8] = b"vmd/1";
+
+/// Servers whose session tickets a [`ClientTls`] keeps.
+pub const RESUMPTION_CACHE: usize = 32;
 
 /// TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +91,37 @@ impl ClientTls {
             .collect::<Result<Vec<_>, _>>()
             .map_err(pem("client certificate", cert))?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(pem("client key", key))?;
-        let config = builder()?
+        let mut config = builder()?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|source| TlsError::Rustls {
                 what: "client certificate and key",
                 source,
             })?;
+        config.resumption = rustls::client::Resumption::in_memory_sessions(RESUMPTION_CACHE);
         Self::from_config(config, server_name)
+    }
+
+    /// The rustls configuration (shared by every connection made with it).
+    pub fn config(&self) -> &Arc<ClientConfig> {
+        &self.config
+    }
+
+    /// The name the server certificate must carry.
+    pub fn server_name(&self) -> &ServerName<'static> {
+        &self.server_name
+    }
+
+    /// The same identity with session resumption off: every connection
+    /// made with the result runs a full handshake.
+    #[must_use]
+    pub fn without_resumption(&self) -> Self {
+        let mut config = (*self.config).clone();
+        config.resumption = rustls::client::Resumption::disabled();
+        Self {
+            config: Arc::new(config),
+            server_name: self.server_name.clone(),
+        }
     }
 
     /// Wraps a prepared rustls configuration (for unusual setups and tests).

@@ -53,7 +53,9 @@ pub struct Request {
 /// [`Reply::Accepted`] at once and run as an operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    /// Host capabilities and resources. Replies [`Reply::Host`].
+    /// Host capabilities and resources. Replies [`Reply::Host`]. The
+    /// host facts may be up to a second old (requests within a second
+    /// share one reading); `vmd_uptime_secs` is always current.
     Host,
     /// Every VM the client may see. Replies [`Reply::Vms`].
     ListVms,

@@ -11,7 +11,8 @@
 //!    error reply, then the connection closes.
 //! 4. Requests are read and handled concurrently (pipelining), at most
 //!    `max_in_flight` at a time; responses go out as they finish, each
-//!    carrying its request id. A framed-but-undecodable request gets a
+//!    carrying its request id. Responses that finish together are written
+//!    together: one TLS record and one write for the batch. A framed-but-undecodable request gets a
 //!    `Malformed` reply and the connection goes on; an oversized length
 //!    prefix gets a `Malformed` reply and closes (the stream is no longer
 //!    in sync).
@@ -24,7 +25,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
@@ -297,6 +298,7 @@ async fn serve_requests<T>(
 {
     let limits = &ctx.limits;
     let mut in_flight = FuturesUnordered::new();
+    let mut ready = Vec::new();
     let mut reading = true;
     let idle = sleep_until(Instant::now() + limits.idle_timeout);
     tokio::pin!(idle);
@@ -307,7 +309,12 @@ async fn serve_requests<T>(
         let can_read = reading && in_flight.len() < limits.max_in_flight;
         tokio::select! {
             Some(response) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(e) = send(&mut framed, &response, limits.write_timeout).await {
+                ready.clear();
+                ready.push(response);
+                while let Some(Some(response)) = in_flight.next().now_or_never() {
+                    ready.push(response);
+                }
+                if let Err(e) = send_all(&mut framed, &ready, limits.write_timeout).await {
                     warn!(error = %e, "cannot send response; closing");
                     return;
                 }
@@ -391,8 +398,7 @@ fn frame_error(e: &FrameError) -> ErrorReply {
     }
 }
 
-/// Writes one frame within `limit`. A reply too large for the frame limit
-/// is replaced by `Internal` (the reply was built, so it is our fault).
+/// Writes one frame within `limit` (see [`send_all`]).
 async fn send<T, M, In>(
     framed: &mut Framed<T, FrameCodec<In, M>>,
     msg: &M,
@@ -402,14 +408,32 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     M: serde::Serialize + Replaceable,
 {
+    send_all(framed, std::slice::from_ref(msg), limit).await
+}
+
+/// Writes frames with one flush, all within `limit`. A reply too large for
+/// the frame limit is replaced by `Internal` (the reply was built, so it is
+/// our fault); the encoder leaves the buffer as it was on that error.
+async fn send_all<T, M, In>(
+    framed: &mut Framed<T, FrameCodec<In, M>>,
+    msgs: &[M],
+    limit: Duration,
+) -> Result<(), FrameError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    M: serde::Serialize + Replaceable,
+{
     let write = async {
-        match framed.send(msg).await {
-            Err(FrameError::TooLarge { len, max }) => {
-                tracing::error!(len, max, "reply exceeds the frame limit");
-                framed.send(&msg.internal_error()).await
+        for msg in msgs {
+            match framed.feed(msg).await {
+                Err(FrameError::TooLarge { len, max }) => {
+                    tracing::error!(len, max, "reply exceeds the frame limit");
+                    framed.feed(&msg.internal_error()).await?;
+                }
+                other => other?,
             }
-            other => other,
         }
+        framed.flush().await
     };
     timeout(limit, write).await.unwrap_or_else(|_| {
         Err(FrameError::Io(std::io::Error::new(

@@ -5,7 +5,8 @@
 //!    `admin`); VMs outside its visible scope do not exist for it, and its
 //!    role only changes VMs in its change scope.
 //! 2. Reads (`Host`, `ListVms`, `GetVm`, operations) answer from the
-//!    backends on request; nothing is polled in between.
+//!    backends on request; nothing is polled in between (`Host` shares a
+//!    probe between requests within a second: `HostProbe::recent`).
 //! 3. Changes need usable KVM on the host, then go to the VM service,
 //!    which answers `Accepted` at once or refuses (busy, invalid,
 //!    protected).
@@ -247,7 +248,7 @@ impl Handler {
         let grant = &session.grant;
         let me = session.identity.name.as_str();
         let change = match op {
-            Op::Host => return Ok(Reply::Host(self.host.probe())),
+            Op::Host => return Ok(Reply::Host(self.host.recent())),
             Op::ListVms => return Ok(Reply::Vms(self.vms.list(&grant.visible, me).await?)),
             Op::GetVm { name } => {
                 return Ok(Reply::Vm(self.vms.get(&name, &grant.visible, me).await?));

@@ -33,8 +33,8 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-use std::time::Instant;
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm};
 use tracing::debug;
@@ -44,6 +44,9 @@ use vmd_proto::{
 
 /// The only KVM API version Linux has shipped since 2.6.22.
 const SUPPORTED_KVM_API_VERSION: i32 = 12;
+
+/// How old the facts of a [`HostProbe::recent`] answer may be.
+pub const RECENT: Duration = Duration::from_secs(1);
 
 /// The KVM device [`HostProbe::new`] opens.
 const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -98,6 +101,8 @@ pub struct HostProbe {
     fixed: OnceLock<FixedFacts>,
     /// The KVM facts, once read successfully.
     kvm: OnceLock<KvmInfo>,
+    /// The last probe and when it was made, for [`HostProbe::recent`].
+    last: Mutex<Option<(Instant, HostInfo)>>,
 }
 
 /// Facts that cannot change while the daemon runs.
@@ -133,7 +138,27 @@ impl HostProbe {
             cpu_online,
             fixed: OnceLock::new(),
             kvm: OnceLock::new(),
+            last: Mutex::new(None),
         }
+    }
+
+    /// Host facts at most [`RECENT`] old: the last probe's, with the
+    /// daemon's uptime brought up to date, or a new probe (module docs).
+    pub fn recent(&self) -> HostInfo {
+        let now = Instant::now();
+        // Only whole values are stored: a poisoned lock is consistent.
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, info)) = last.as_ref() {
+            if now.saturating_duration_since(*at) < RECENT {
+                let mut info = info.clone();
+                info.vmd_uptime_secs = self.started.elapsed().as_secs();
+                return info;
+            }
+        }
+        drop(last);
+        let info = self.probe();
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some((now, info.clone()));
+        info
     }
 
     /// Current host facts. Never fails: a fact that cannot be read is
@@ -701,6 +726,22 @@ Hugepagesize:       2048 kB
             dir.path().join("proc"),
         );
         assert_eq!(probe.probe().cpu.logical_cpus, 2);
+    }
+
+    #[test]
+    fn recent_answers_share_a_probe_for_a_short_while() {
+        let dir = fake_host(Some("0-3"));
+        let proc_root = dir.path().join("proc");
+        let probe =
+            HostProbe::with_paths(Instant::now(), dir.path().join("kvm"), proc_root.clone());
+        let first = probe.recent();
+        fs::write(proc_root.join("sys/kernel/hostname"), "renamed\n").unwrap();
+        assert_eq!(probe.recent().hostname, first.hostname, "within RECENT");
+        // Age the stored probe instead of sleeping.
+        if let Some((at, _)) = probe.last.lock().unwrap().as_mut() {
+            *at -= RECENT;
+        }
+        assert_eq!(probe.recent().hostname, "renamed", "older than RECENT");
     }
 
     #[test]

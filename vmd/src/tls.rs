@@ -5,9 +5,21 @@
 //!    `ServerConfig` whose client verifier is `WebPkiClientVerifier` over
 //!    that CA and those CRLs: a client without a certificate, with one from
 //!    another CA, an expired one or a revoked one fails the handshake.
-//! 2. After the handshake, [`PeerIdentity::from_certificate`] names the
+//! 2. TLS 1.3 session resumption uses stateless tickets: after a full
+//!    handshake the server sends [`TICKETS_PER_HANDSHAKE`] tickets,
+//!    encrypted under keys of this `ServerConfig` alone (ring's
+//!    ChaCha20-Poly1305 ticketer), so the server keeps no per-client
+//!    session state. A reconnecting client skips the certificate exchange
+//!    and its signatures. Every reload builds a new config with new ticket
+//!    keys, so tickets issued before a CRL or policy reload no longer
+//!    resume: the next connection is a full handshake, checked against the
+//!    new CRLs.
+//! 3. After the handshake, [`PeerIdentity::from_certificate`] names the
 //!    peer by its verified leaf: the first SAN DNS name, else the subject
-//!    CN, plus the SHA-256 fingerprint of its public key.
+//!    CN, plus the SHA-256 fingerprint of its public key. A resumed session
+//!    carries the leaf of its original handshake;
+//!    [`PeerIdentity::from_connection`] refuses it once that certificate
+//!    has expired (a ticket may outlive it).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -25,6 +37,10 @@ use crate::config::TlsPaths;
 /// The ALPN protocol name both ends offer; it keeps other TLS protocols
 /// from being mistaken for vmd's.
 pub const ALPN: &[u8] = b"vmd/1";
+
+/// Session tickets sent after each full handshake. TLS 1.3 tickets are
+/// single-use; two let a client open two connections at once by resumption.
+pub const TICKETS_PER_HANDSHAKE: usize = 2;
 
 /// TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +165,13 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
             source,
         })?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // Stateless resumption (module docs, step 2): no session cache.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|source| TlsError::Rustls {
+        what: "session ticket keys",
+        source,
+    })?;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(config))
 }
 
@@ -174,6 +197,10 @@ pub enum IdentityError {
     /// Neither a SAN DNS name nor a subject CN.
     #[error("peer certificate has neither a SAN DNS name nor a common name")]
     NoName,
+    /// The certificate is outside its validity period (a resumed session
+    /// whose certificate expired after the ticket was issued).
+    #[error("peer certificate is not valid now")]
+    Expired,
 }
 
 impl PeerIdentity {
@@ -184,6 +211,9 @@ impl PeerIdentity {
     pub fn from_certificate(der: &[u8]) -> Result<Self, IdentityError> {
         let (_, cert) =
             x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparsable)?;
+        if !cert.validity().is_valid() {
+            return Err(IdentityError::Expired);
+        }
         let san = cert
             .subject_alternative_name()
             .ok()

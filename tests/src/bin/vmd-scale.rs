@@ -1,0 +1,202 @@
+//! `vmd-scale`: how `ListVms` and `GetVm` latency grow with the number of
+//! declared VMs, against real systemd (booted in systemd-nspawn) running a
+//! real QEMU (TCG, no guest OS) per running VM, with vmd over real mTLS.
+//!
+//! ```text
+//! vmd-scale --bench target/release/vmd-bench --vms 1,10,100 [--running 100]
+//!           [--seconds 5] [--json]
+//! ```
+//!
+//! 1. For each VM count, lays out a microvm.nix host with that many VMs,
+//!    the first `--running` (default: all) wanted by `microvms.target`,
+//!    boots the container, starts the target and waits until every running
+//!    VM's QMP socket greets.
+//! 2. Starts vmd in this process on `127.0.0.1:0` with that inventory and
+//!    the container's bus, and the per-identity request rate lifted.
+//! 3. Runs `vmd-bench requests` (one connection, one request in flight:
+//!    latency, not throughput) for `list` and for `get` of the first VM,
+//!    and prints its results with `vms` and `running` added.
+//!
+//! Needs root, systemd-container, dbus and qemu-system-x86, like the
+//! `system-tests` suites. It prints numbers; it asserts nothing about them.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::UnixStream;
+use vmd::inventory::InventorySource;
+use vmd_tests::TestServer;
+use vmd_tests::microvm::{CONTAINER_STOP_SCRIPT, DeclaredVm, MicrovmHost};
+use vmd_tests::nspawn::SystemdContainer;
+
+struct Args {
+    bench: PathBuf,
+    vms: Vec<usize>,
+    running: Option<usize>,
+    seconds: f64,
+    json: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: vmd-scale --bench PATH [--vms 1,10,100] [--running N] [--seconds S] [--json]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        bench: PathBuf::new(),
+        vms: vec![1, 10, 100],
+        running: None,
+        seconds: 5.0,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--bench" => args.bench = value().into(),
+            "--vms" => {
+                args.vms = value()
+                    .split(',')
+                    .map(|n| n.parse().unwrap_or_else(|_| usage()))
+                    .collect();
+            }
+            "--running" => args.running = Some(value().parse().unwrap_or_else(|_| usage())),
+            "--seconds" => args.seconds = value().parse().unwrap_or_else(|_| usage()),
+            "--json" => args.json = true,
+            _ => usage(),
+        }
+    }
+    if !args.bench.is_file() {
+        eprintln!("vmd-scale: --bench must name the vmd-bench binary");
+        usage();
+    }
+    args
+}
+
+/// Waits until QEMU greets on `socket`.
+async fn wait_for_qmp(socket: &Path) {
+    let ready = async {
+        loop {
+            if let Ok(stream) = UnixStream::connect(socket).await {
+                if let Ok(Some(_)) = BufReader::new(stream).lines().next_line().await {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), ready)
+        .await
+        .unwrap_or_else(|_| panic!("QEMU never answered on {}", socket.display()));
+}
+
+/// Runs vmd-bench against `server` and returns its JSON results.
+async fn bench(args: &Args, server: &TestServer, extra: &[&str]) -> Vec<Value> {
+    let mut cmd = tokio::process::Command::new(&args.bench);
+    cmd.arg("--json").arg("requests");
+    // vmctl's flags name the TLS files; vmd-bench takes the address alone.
+    let vmctl = server.vmctl_args("bench");
+    for pair in vmctl.chunks(2) {
+        match pair[0].as_str() {
+            "--endpoint" => {
+                cmd.arg("--addr").arg(pair[1].trim_start_matches("tcp://"));
+            }
+            flag => {
+                cmd.arg(flag).arg(&pair[1]);
+            }
+        }
+    }
+    cmd.args(["--connections", "1", "--pipeline", "1", "--duration"])
+        .arg(args.seconds.to_string())
+        .args(extra);
+    let out = cmd.output().await.expect("vmd-bench runs");
+    assert!(
+        out.status.success(),
+        "vmd-bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+async fn measure(args: &Args, count: usize) -> Vec<Value> {
+    let running = args.running.unwrap_or(count).min(count);
+    let declared: Vec<DeclaredVm> = (0..count)
+        .map(|i| DeclaredVm {
+            // MicrovmHost takes static names; a bench run declares few.
+            name: Box::leak(format!("vm-{i:03}").into_boxed_str()),
+            protected: false,
+            autostart: i < running,
+        })
+        .collect();
+    let host = MicrovmHost::new(&declared);
+    let mut builder = SystemdContainer::builder()
+        .state_dir(host.state_dir())
+        .bind_ro(host.stop_script(), CONTAINER_STOP_SCRIPT)
+        .boot_timeout(Duration::from_secs(120));
+    for (name, contents) in host.unit_files() {
+        builder = builder.unit(&name, &contents);
+    }
+    let container = builder.boot().await;
+    let started = Instant::now();
+    container.systemctl(&["start", "microvms.target"]).await;
+    for vm in declared.iter().filter(|vm| vm.autostart) {
+        wait_for_qmp(&host.socket(vm.name)).await;
+    }
+    eprintln!(
+        "vmd-scale: {count} VMs declared, {running} QEMUs up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let server = TestServer::start_with(|c| {
+        c.vms.inventory = InventorySource {
+            state_dir: host.state_dir(),
+            file: Some(host.inventory()),
+        };
+        c.vms.systemd_bus = Some(container.bus_address());
+        c.limits.identity.requests_per_second = 1e6;
+        c.limits.identity.burst = 1_000_000;
+    })
+    .await;
+    let mut results = bench(args, &server, &["--op", "list"]).await;
+    results.extend(bench(args, &server, &["--op", "get", "--vm", "vm-000"]).await);
+    for r in &mut results {
+        r["vms"] = count.into();
+        r["running"] = running.into();
+    }
+    server.stop().await;
+    container.stop().await;
+    results
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    for &count in &args.vms {
+        for r in measure(&args, count).await {
+            if args.json {
+                println!("{r}");
+            } else {
+                println!(
+                    "scale: vms={} running={} op={} p50_us={} p90_us={} p99_us={} req_per_s={} errors={}",
+                    r["vms"],
+                    r["running"],
+                    r["op"],
+                    r["p50_us"],
+                    r["p90_us"],
+                    r["p99_us"],
+                    r["req_per_s"],
+                    r["errors"]
+                );
+            }
+        }
+    }
+}
