@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod output;
+mod top;
 mod watch;
 
 use std::path::PathBuf;
@@ -138,6 +139,9 @@ enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
+    /// A live view of every VM you may see, updated as they change.
+    /// Keys: up/down select, s start, x stop, r restart, q quit.
+    Top,
     /// Show an operation (`op-7` or `7`).
     Op {
         /// The operation id.
@@ -342,6 +346,11 @@ async fn run(args: Args) -> Result<(), Failure> {
         Command::Watch { vms, count } => {
             let args = watch::WatchArgs { vms, count, json };
             let result = watch::run(&client, args, fail).await;
+            client.close().await;
+            return result;
+        }
+        Command::Top => {
+            let result = top::run(&client).await;
             client.close().await;
             return result;
         }
