@@ -36,6 +36,7 @@
 //! max_connections_per_identity = 32
 //! requests_per_second = 200   # per identity, token bucket
 //! request_burst = 400
+//! max_watchers_per_identity = 16   # Watch requests held open at once
 //!
 //! [log]
 //! format = "plain"    # or "json"
@@ -299,6 +300,8 @@ pub struct LimitsFile {
     pub requests_per_second: Option<u32>,
     /// Requests an identity may send in a burst.
     pub request_burst: Option<u32>,
+    /// `Watch` requests an identity may hold open at once.
+    pub max_watchers_per_identity: Option<usize>,
 }
 
 /// `[log]`
@@ -595,6 +598,13 @@ impl Config {
                     l.request_burst.unwrap_or(d.identity.burst),
                     1,
                     1_000_000,
+                )?,
+                max_watchers: in_range(
+                    "limits.max_watchers_per_identity",
+                    l.max_watchers_per_identity
+                        .unwrap_or(d.identity.max_watchers),
+                    1,
+                    4096,
                 )?,
             },
         };

@@ -29,6 +29,9 @@ use crate::vms::{Change, VmError, VmService};
 /// The longest a `WaitOperation` may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
 
+/// The longest a `Watch` may wait (a client re-issues it).
+pub const MAX_WATCH: Duration = Duration::from_secs(300);
+
 /// Everything a request handler may fail with. Converted to the wire
 /// error in exactly one place: `impl From<HandlerError> for ErrorReply`.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,9 @@ pub enum HandlerError {
         /// The VM.
         vm: String,
     },
+    /// The identity holds as many watches as it may.
+    #[error(transparent)]
+    Watchers(crate::watch::TooManyWatchers),
     /// The client's role does not allow this request.
     #[error("role {have} may not {op} (needs {need})")]
     Forbidden {
@@ -83,6 +89,10 @@ impl From<HandlerError> for ErrorReply {
                 what: format!("operation {id}"),
             },
             HandlerError::Unsupported(reason) => ErrorReply::Unsupported { reason },
+            HandlerError::Watchers(e) => ErrorReply::LimitExceeded {
+                limit: e.to_string(),
+                retry_after_ms: None,
+            },
             e @ (HandlerError::Forbidden { .. } | HandlerError::OutOfScope { .. }) => {
                 ErrorReply::Forbidden {
                     reason: e.to_string(),
@@ -175,12 +185,24 @@ fn required_role(op: &Op) -> Role {
 pub struct Handler {
     host: HostProbe,
     vms: VmService,
+    max_watchers: usize,
 }
 
 impl Handler {
     /// A handler over the host probe and the VM service.
     pub fn new(host: HostProbe, vms: VmService) -> Self {
-        Self { host, vms }
+        Self {
+            host,
+            vms,
+            max_watchers: crate::usage::IdentityLimits::default().max_watchers,
+        }
+    }
+
+    /// Caps the `Watch` requests one identity may hold open at once.
+    #[must_use]
+    pub fn with_max_watchers(mut self, max: usize) -> Self {
+        self.max_watchers = max;
+        self
     }
 
     /// The vsock CID the inventory declares for a VM (for vsock binding).
@@ -248,9 +270,21 @@ impl Handler {
                     .map(Reply::Operation)
                     .ok_or(HandlerError::UnknownOperation(id));
             }
-            Op::Watch { .. } => {
-                return Err(HandlerError::Unsupported(
-                    "watch is not available in this vmd version".into(),
+            Op::Watch {
+                since,
+                vms,
+                timeout_ms,
+            } => {
+                let _slot = self
+                    .vms
+                    .changes()
+                    .enter(me, self.max_watchers)
+                    .map_err(HandlerError::Watchers)?;
+                let timeout = Duration::from_millis(timeout_ms.into()).min(MAX_WATCH);
+                return Ok(Reply::Changed(
+                    self.vms
+                        .watch(since, &vms, &grant.visible, me, timeout)
+                        .await?,
                 ));
             }
             Op::Start { name } => (name, Change::Start),
@@ -301,6 +335,7 @@ mod tests {
     use vmd_proto::{OperationId, VmName};
 
     use super::*;
+    use crate::backend::ActiveState;
     use crate::policy::{Grant, Scope};
     use crate::tls::PeerIdentity;
     use crate::transport::PeerAddr;
@@ -364,18 +399,173 @@ mod tests {
             .await,
             Err(ErrorReply::NotFound { .. })
         ));
-        assert!(matches!(
-            ask(
-                &f,
-                Some(Role::Reader),
-                Op::Watch {
-                    since: 0,
-                    timeout_ms: 1
-                }
+        match ask(
+            &f,
+            Some(Role::Reader),
+            Op::Watch {
+                since: 0,
+                vms: Vec::new(),
+                timeout_ms: 1,
+            },
+        )
+        .await
+        {
+            Ok(Reply::Changed(event)) => {
+                assert!(event.snapshot);
+                assert_eq!(event.changed.len(), 3);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn watch(since: u64, vms: &[&str], timeout_ms: u32) -> Op {
+        Op::Watch {
+            since,
+            vms: vms.iter().map(|n| vm(n)).collect(),
+            timeout_ms,
+        }
+    }
+
+    fn changed(reply: Result<Reply, ErrorReply>) -> vmd_proto::WatchEvent {
+        match reply {
+            Ok(Reply::Changed(event)) => event,
+            other => panic!("expected Changed, got {other:?}"),
+        }
+    }
+
+    /// A pending watch is woken by a unit signal (a change made outside
+    /// vmd) and answers that VM's fresh state; the next one starts from
+    /// the generation it returned.
+    #[tokio::test]
+    async fn a_watch_is_woken_by_a_unit_signal() {
+        let f = fixture(None);
+        let first = changed(ask(&f, Some(Role::Reader), watch(0, &[], 1)).await);
+        assert!(first.snapshot);
+        let waiting = tokio::spawn({
+            let service = f.service.clone();
+            async move {
+                let handler = Arc::new(Handler::new(HostProbe::new(Instant::now()), service));
+                handler
+                    .handle(
+                        session(Some(Role::Reader)),
+                        Request {
+                            id: 1,
+                            body: watch(first.generation, &[], 60_000),
+                        },
+                    )
+                    .await
+                    .result
+            }
+        });
+        // The watch subscribed when it was first asked; wait until the
+        // second is parked, then change a unit the way systemctl would.
+        while f.service.changes().watchers("t") == 0 {
+            tokio::task::yield_now().await;
+        }
+        f.units.set("microvm@app-vm.service", ActiveState::Active);
+        let event = changed(waiting.await.expect("watch task"));
+        assert!(!event.snapshot);
+        assert!(event.generation > first.generation);
+        let names: Vec<&str> = event.changed.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["app-vm"]);
+        assert_eq!(event.changed[0].state, vmd_proto::VmState::Running);
+        // Nothing changed since: a short watch times out empty.
+        let quiet = changed(ask(&f, Some(Role::Reader), watch(event.generation, &[], 10)).await);
+        assert!(quiet.changed.is_empty() && !quiet.snapshot);
+        assert_eq!(quiet.generation, event.generation);
+    }
+
+    /// Watchers are told only of VMs they watch and may see: a change of
+    /// another VM leaves them waiting.
+    #[tokio::test]
+    async fn watches_answer_only_for_their_own_vms() {
+        let f = fixture(None);
+        let start = changed(ask(&f, Some(Role::Reader), watch(0, &[], 1)).await).generation;
+        f.units.set("microvm@admin-vm.service", ActiveState::Active);
+        let only_app = changed(ask(&f, Some(Role::Reader), watch(start, &["app-vm"], 20)).await);
+        assert!(only_app.changed.is_empty(), "{only_app:?}");
+        let all = changed(ask(&f, Some(Role::Reader), watch(start, &[], 20)).await);
+        let names: Vec<&str> = all.changed.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["admin-vm"]);
+    }
+
+    /// Lost unit signals (the bus went away) make the next answer a full
+    /// snapshot; the watch after it subscribes again.
+    #[tokio::test]
+    async fn lost_signals_answer_a_snapshot() {
+        let f = fixture(None);
+        let start = changed(ask(&f, Some(Role::Reader), watch(0, &[], 1)).await).generation;
+        f.units.drop_subscribers();
+        let mut event = changed(ask(&f, Some(Role::Reader), watch(start, &[], 1000)).await);
+        // The follower task notices the end of its stream asynchronously.
+        while !event.snapshot {
+            event = changed(ask(&f, Some(Role::Reader), watch(start, &[], 1000)).await);
+        }
+        assert_eq!(event.changed.len(), 3);
+        let again = changed(ask(&f, Some(Role::Reader), watch(event.generation, &[], 1)).await);
+        assert!(!again.snapshot);
+        assert_eq!(
+            f.units.subscribers.lock().expect("lock").len(),
+            1,
+            "resubscribed"
+        );
+    }
+
+    #[tokio::test]
+    async fn watches_are_capped_per_identity() {
+        let f = fixture(None);
+        let handler = Arc::new(
+            Handler::new(HostProbe::new(Instant::now()), f.service.clone()).with_max_watchers(1),
+        );
+        let first = changed(
+            handler
+                .clone()
+                .handle(
+                    session(Some(Role::Reader)),
+                    Request {
+                        id: 1,
+                        body: watch(0, &[], 1),
+                    },
+                )
+                .await
+                .result,
+        );
+        let held = tokio::spawn({
+            let handler = handler.clone();
+            async move {
+                handler
+                    .handle(
+                        session(Some(Role::Reader)),
+                        Request {
+                            id: 2,
+                            body: watch(first.generation, &[], 60_000),
+                        },
+                    )
+                    .await
+            }
+        });
+        while f.service.changes().watchers("t") == 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = handler
+            .clone()
+            .handle(
+                session(Some(Role::Reader)),
+                Request {
+                    id: 3,
+                    body: watch(0, &[], 1),
+                },
             )
-            .await,
-            Err(ErrorReply::Unsupported { .. })
-        ));
+            .await
+            .result;
+        assert!(
+            matches!(&refused, Err(ErrorReply::LimitExceeded { limit, .. }) if limit.contains("at most 1")),
+            "{refused:?}"
+        );
+        held.abort();
+        let _ = held.await;
+        // The aborted watch gave its slot back.
+        assert_eq!(f.service.changes().watchers("t"), 0);
     }
 
     #[tokio::test]

@@ -61,6 +61,7 @@ pub mod tls;
 pub mod transport;
 pub mod usage;
 pub mod vms;
+pub mod watch;
 
 pub use config::Config;
 pub use server::{Server, ServerError, ServerHandle, run};

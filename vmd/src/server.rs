@@ -157,7 +157,10 @@ impl Server {
             }
             .into());
         }
-        let handler = Arc::new(Handler::new(HostProbe::new(Instant::now()), vms));
+        let handler = Arc::new(
+            Handler::new(HostProbe::new(Instant::now()), vms)
+                .with_max_watchers(config.limits.identity.max_watchers),
+        );
         Ok(Self {
             listeners,
             addrs,

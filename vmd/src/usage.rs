@@ -22,6 +22,8 @@ pub struct IdentityLimits {
     pub requests_per_second: f64,
     /// Requests an identity may send in a burst.
     pub burst: u32,
+    /// `Watch` requests an identity may hold open at once.
+    pub max_watchers: usize,
 }
 
 impl Default for IdentityLimits {
@@ -30,6 +32,7 @@ impl Default for IdentityLimits {
             max_connections: 32,
             requests_per_second: 200.0,
             burst: 400,
+            max_watchers: 16,
         }
     }
 }
@@ -141,6 +144,7 @@ mod tests {
             max_connections,
             requests_per_second: rate,
             burst,
+            ..IdentityLimits::default()
         })
     }
 

@@ -22,13 +22,15 @@
 //!    the accepted operation immediately.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tracing::{Instrument, info, info_span, warn};
 use vmd_proto::{
     Bytes, ErrorReply, Hypervisor, MemoryCounts, OperationInfo, OperationKind, VcpuCounts, VmInfo,
-    VmName, VmState,
+    VmName, VmState, WatchEvent,
 };
 
 use crate::audit;
@@ -38,6 +40,7 @@ use crate::backend::{
 use crate::inventory::{AUTOSTART_TARGET, InventoryError, InventorySource, VmSpec};
 use crate::ops::{Busy, Operations};
 use crate::policy::Scope;
+use crate::watch::{Changed, Changes};
 
 /// The smallest memory a resize may ask for.
 pub const MIN_MEMORY: Bytes = Bytes::mib(128);
@@ -144,6 +147,9 @@ pub struct VmService {
     control: Arc<dyn VmControl>,
     ops: Operations,
     deadlines: ChangeDeadlines,
+    changes: Arc<Changes>,
+    /// Whether a task follows the service manager's unit signals.
+    following: Arc<AtomicBool>,
 }
 
 impl VmService {
@@ -161,7 +167,14 @@ impl VmService {
             control,
             ops,
             deadlines,
+            changes: Arc::new(Changes::new()),
+            following: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The change generations `Watch` waits on.
+    pub fn changes(&self) -> &Arc<Changes> {
+        &self.changes
     }
 
     /// The operations registry.
@@ -260,6 +273,136 @@ impl VmService {
         info
     }
 
+    /// `Watch`: the VMs in `visible` (and in `only`, unless empty) that
+    /// changed after generation `since`, as `viewer` may see them; waits
+    /// up to `timeout` for one to change if none has. A `since` this run
+    /// does not know (0, an earlier run's) or lost events answer a full
+    /// snapshot at once.
+    ///
+    /// # Errors
+    /// [`VmError::Inventory`] if the inventory file is broken.
+    pub async fn watch(
+        &self,
+        since: u64,
+        only: &[VmName],
+        visible: &Scope,
+        viewer: &str,
+        timeout: Duration,
+    ) -> Result<WatchEvent, VmError> {
+        self.follow_units().await;
+        let watched =
+            |name: &VmName| visible.contains(name) && (only.is_empty() || only.contains(name));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut wake = self.changes.subscribe();
+        loop {
+            wake.borrow_and_update();
+            let (generation, changed) = self.changes.since(since);
+            let names: Option<Vec<VmName>> = match changed {
+                Changed::Snapshot | Changed::All => None,
+                Changed::Some(names) => Some(names.into_iter().filter(|n| watched(n)).collect()),
+            };
+            match names {
+                Some(names) if names.is_empty() => {}
+                names => {
+                    return self
+                        .watch_event(generation, names, only, &watched, viewer)
+                        .await;
+                }
+            }
+            tokio::select! {
+                // The sender lives as long as `self`: `changed` cannot fail.
+                _ = wake.changed() => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Ok(WatchEvent {
+                        generation,
+                        snapshot: false,
+                        changed: Vec::new(),
+                        removed: Vec::new(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The answer of a watch: `names` changed (`None`: a snapshot of
+    /// every watched VM).
+    async fn watch_event(
+        &self,
+        generation: u64,
+        names: Option<Vec<VmName>>,
+        only: &[VmName],
+        watched: &(dyn Fn(&VmName) -> bool + Sync),
+        viewer: &str,
+    ) -> Result<WatchEvent, VmError> {
+        let specs = self.inventory.load()?;
+        let exists = |name: &VmName| specs.iter().any(|s| s.name == *name);
+        let snapshot = names.is_none();
+        let (changed, removed): (Vec<&VmSpec>, Vec<VmName>) = match names {
+            None => (
+                specs.iter().filter(|s| watched(&s.name)).collect(),
+                only.iter()
+                    .filter(|n| watched(n) && !exists(n))
+                    .cloned()
+                    .collect(),
+            ),
+            Some(names) => (
+                specs.iter().filter(|s| names.contains(&s.name)).collect(),
+                names.into_iter().filter(|n| !exists(n)).collect(),
+            ),
+        };
+        let changed = join_all(changed.into_iter().map(|spec| self.info(spec, viewer))).await;
+        Ok(WatchEvent {
+            generation,
+            snapshot,
+            changed,
+            removed,
+        })
+    }
+
+    /// Makes sure a task follows the service manager's unit signals and
+    /// bumps the VMs they are about. Started by the first watch, not
+    /// before: a daemon nobody watches holds no subscription. When the
+    /// signal stream ends (the bus went away) every VM counts as changed
+    /// and the next watch subscribes again; nothing retries in between.
+    async fn follow_units(&self) {
+        if self.following.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match self.units.events().await {
+            Ok(mut events) => {
+                let service = self.clone();
+                tokio::spawn(async move {
+                    while let Some(unit) = events.next().await {
+                        service.unit_changed(&unit);
+                    }
+                    warn!("the service manager's unit signals ended; the next watch resubscribes");
+                    service.following.store(false, Ordering::SeqCst);
+                    service.changes.bump_all();
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot follow unit signals; watches see vmd's own changes only");
+                self.following.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A unit signal: bumps the VM that runs as `unit`, if any.
+    fn unit_changed(&self, unit: &str) {
+        match self.inventory.load() {
+            Ok(specs) => {
+                if let Some(spec) = specs.iter().find(|s| s.unit == unit) {
+                    tracing::debug!(vm = %spec.name, unit, "unit changed");
+                    self.changes.bump(&spec.name);
+                }
+            }
+            Err(e) => {
+                warn!(error = %vmd_proto::error_chain(&e), "inventory unreadable on a unit signal");
+                self.changes.bump_all();
+            }
+        }
+    }
+
     /// Validates and starts a change; returns the accepted operation.
     ///
     /// # Errors
@@ -280,6 +423,8 @@ impl VmService {
             return Err(e);
         }
         let accepted = guard.info().clone();
+        // Watchers see the pending operation now and its end later.
+        self.changes.bump(name);
         let service = self.clone();
         let owner = owner.to_owned();
         let span = info_span!("operation", id = %accepted.id, vm = %name, kind = %accepted.kind);
@@ -301,6 +446,7 @@ impl VmService {
                     &audit::Outcome::Finished(result.clone()),
                 );
                 guard.finish(result);
+                service.changes.bump(&spec.name);
             }
             .instrument(span),
         );

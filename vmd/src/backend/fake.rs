@@ -7,10 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
-use super::{ActiveState, BackendError, LiveState, RunState, UnitStatus, Units, VmControl};
+use super::{
+    ActiveState, BackendError, LiveState, RunState, UnitEvents, UnitStatus, Units, VmControl,
+};
 
 /// Units that change state when told to. Changes wait for a permit of
 /// `gate` when one is set, so a test can hold an operation open.
@@ -26,15 +29,32 @@ pub struct FakeUnits {
     pub down: Mutex<bool>,
     /// Every change made, as `"start unit"`.
     pub calls: Mutex<Vec<String>>,
+    /// Open [`Units::events`] streams.
+    pub subscribers: Mutex<Vec<mpsc::UnboundedSender<String>>>,
 }
 
 impl FakeUnits {
-    /// Sets a unit's state.
+    /// Sets a unit's state and signals it, as systemd does for a change
+    /// made by anyone.
     pub fn set(&self, unit: &str, state: ActiveState) {
         self.states
             .lock()
             .expect("lock")
             .insert(unit.to_owned(), state);
+        self.signal(unit);
+    }
+
+    /// Sends `unit` to every open event stream.
+    pub fn signal(&self, unit: &str) {
+        self.subscribers
+            .lock()
+            .expect("lock")
+            .retain(|tx| tx.send(unit.to_owned()).is_ok());
+    }
+
+    /// Ends every open event stream (the bus went away).
+    pub fn drop_subscribers(&self) {
+        self.subscribers.lock().expect("lock").clear();
     }
 
     async fn change(&self, call: &str, unit: &str, to: ActiveState) -> Result<(), BackendError> {
@@ -103,6 +123,20 @@ impl Units for FakeUnits {
         _: Duration,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(self.change("restart", unit, ActiveState::Active))
+    }
+
+    fn events(&self) -> BoxFuture<'_, Result<UnitEvents, BackendError>> {
+        Box::pin(async move {
+            if *self.down.lock().expect("lock") {
+                return Err(BackendError::Unavailable("systemd".into()));
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.subscribers.lock().expect("lock").push(tx);
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|unit| (unit, rx))
+            });
+            Ok(stream.boxed())
+        })
     }
 }
 

@@ -10,7 +10,8 @@
 //!   live vCPUs, memory and balloon, pause/resume, vCPU hot-plug, balloon
 //!   target, ACPI power button.
 //!
-//! Both are queried on request only; nothing here polls.
+//! Both are queried on request only; nothing here polls. [`Units::events`]
+//! streams the service manager's own signals for `Watch`.
 
 #[cfg(any(test, feature = "test-backends"))]
 pub mod fake;
@@ -21,6 +22,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+/// The names of units as they change (state, jobs, loading): see
+/// [`Units::events`].
+pub type UnitEvents = BoxStream<'static, String>;
 
 /// A backend call failed. Mapped to the wire error in `handler`.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +161,12 @@ pub trait Units: Send + Sync + std::fmt::Debug {
         unit: &'a str,
         deadline: Duration,
     ) -> BoxFuture<'a, Result<(), BackendError>>;
+
+    /// A stream of unit names, one each time a unit's state changes, a job
+    /// of it ends, or it is loaded or unloaded, as the service manager
+    /// signals it (nothing polls). It ends when the connection behind it
+    /// does; events may have been lost then.
+    fn events(&self) -> BoxFuture<'_, Result<UnitEvents, BackendError>>;
 }
 
 /// The hypervisor's run state (QMP `query-status`).

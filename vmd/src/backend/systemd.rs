@@ -37,7 +37,7 @@ use zbus::message::Type;
 use zbus::zvariant::{DynamicType, OwnedObjectPath, OwnedValue};
 use zbus::{Connection, MatchRule, Message, MessageStream};
 
-use super::{ActiveState, BackendError, UnitStatus, Units};
+use super::{ActiveState, BackendError, UnitEvents, UnitStatus, Units};
 
 /// The system bus, used when no address is configured.
 pub const SYSTEM_BUS_ADDRESS: &str = "unix:path=/run/dbus/system_bus_socket";
@@ -409,6 +409,31 @@ impl Systemd {
         Err(self.unavailable("the connection closed while waiting for the unit to stop"))
     }
 
+    /// [`Units::events`]: on a connection of its own (so its lifetime is
+    /// the stream's), subscribed, with matches for every unit's
+    /// `PropertiesChanged` on the `Unit` interface and the Manager's
+    /// `JobRemoved`. Not `UnitNew`/`UnitRemoved`: reading a stopped
+    /// template instance loads it and systemd unloads it again soon after,
+    /// so those would echo vmd's own reads back as changes (a watch
+    /// answered, re-read, answered again, forever); loading changes no
+    /// VM's state.
+    async fn unit_events(&self) -> Result<UnitEvents, BackendError> {
+        let conn = tokio::time::timeout(self.call_timeout, self.connect())
+            .await
+            .unwrap_or_else(|_| Err(self.unavailable("connecting timed out")))?;
+        let rules = [unit_properties_rule(), manager_signal_rule("JobRemoved")];
+        let mut streams = Vec::new();
+        for rule in rules {
+            let rule = rule.map_err(|e| protocol("AddMatch", "", &e.to_string()))?;
+            streams.push(self.subscribe(&conn, rule, "unit events").await?);
+        }
+        tracing::debug!(address = %self.address, "subscribed to systemd's unit signals");
+        let events = futures_util::stream::select_all(streams)
+            .filter_map(|msg| async move { msg.ok().as_ref().and_then(changed_unit) });
+        // The streams keep `conn` open; it closes when they are dropped.
+        Ok(events.boxed())
+    }
+
     fn unavailable(&self, why: &str) -> BackendError {
         BackendError::Unavailable(format!("systemd (D-Bus at {}: {why})", self.address))
     }
@@ -472,6 +497,10 @@ impl Units for Systemd {
         deadline: Duration,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(self.job(Job::Restart, unit, deadline))
+    }
+
+    fn events(&self) -> BoxFuture<'_, Result<UnitEvents, BackendError>> {
+        Box::pin(self.unit_events())
     }
 }
 
@@ -601,6 +630,69 @@ fn job_removed_rule(unit: &str) -> zbus::Result<MatchRule<'_>> {
         .build())
 }
 
+/// Where systemd puts unit objects.
+const UNIT_PATH_NAMESPACE: &str = "/org/freedesktop/systemd1/unit";
+
+/// Matches `PropertiesChanged` of the `Unit` interface of every unit.
+fn unit_properties_rule() -> zbus::Result<MatchRule<'static>> {
+    Ok(MatchRule::builder()
+        .msg_type(Type::Signal)
+        .sender(DESTINATION)?
+        .path_namespace(UNIT_PATH_NAMESPACE)?
+        .interface(PROPERTIES)?
+        .member("PropertiesChanged")?
+        .arg(0, UNIT)?
+        .build())
+}
+
+/// Matches the Manager's signal `member`, for every unit.
+fn manager_signal_rule(member: &'static str) -> zbus::Result<MatchRule<'static>> {
+    Ok(MatchRule::builder()
+        .msg_type(Type::Signal)
+        .sender(DESTINATION)?
+        .path(MANAGER_PATH)?
+        .interface(MANAGER)?
+        .member(member)?
+        .build())
+}
+
+/// The unit a signal is about: the unit name in `JobRemoved` (`uoss`),
+/// the object path of `PropertiesChanged`.
+fn changed_unit(msg: &Message) -> Option<String> {
+    let header = msg.header();
+    match header.member()?.as_str() {
+        "JobRemoved" => msg
+            .body()
+            .deserialize::<(u32, OwnedObjectPath, String, String)>()
+            .ok()
+            .map(|(_, _, unit, _)| unit),
+        "PropertiesChanged" => unit_from_path(header.path()?.as_str()),
+        _ => None,
+    }
+}
+
+/// The unit name of a unit object path: systemd escapes every byte outside
+/// `[A-Za-z0-9]` as `_xx` (hex), e.g. `microvm_40gui_2dvm_2eservice`.
+fn unit_from_path(path: &str) -> Option<String> {
+    let escaped = path
+        .strip_prefix(UNIT_PATH_NAMESPACE)?
+        .strip_prefix('/')?
+        .as_bytes();
+    let mut name = Vec::with_capacity(escaped.len());
+    let mut i = 0;
+    while i < escaped.len() {
+        if escaped[i] == b'_' {
+            let hex = std::str::from_utf8(escaped.get(i + 1..i + 3)?).ok()?;
+            name.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            name.push(escaped[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(name).ok()
+}
+
 /// Matches `PropertiesChanged` of the `Unit` interface at `path`.
 fn properties_changed_rule(path: &str) -> zbus::Result<MatchRule<'_>> {
     Ok(MatchRule::builder()
@@ -722,6 +814,21 @@ mod tests {
             ("SubState", s(sub)),
             ("ActiveEnterTimestamp", OwnedValue::from(entered)),
         ])
+    }
+
+    #[test]
+    fn unit_paths_unescape_to_unit_names() {
+        assert_eq!(
+            unit_from_path("/org/freedesktop/systemd1/unit/microvm_40gui_2dvm_2eservice")
+                .as_deref(),
+            Some("microvm@gui-vm.service")
+        );
+        assert_eq!(
+            unit_from_path("/org/freedesktop/systemd1/unit/dbus_2eservice").as_deref(),
+            Some("dbus.service")
+        );
+        assert_eq!(unit_from_path("/org/freedesktop/systemd1/unit/bad_4"), None);
+        assert_eq!(unit_from_path("/org/freedesktop/systemd1"), None);
     }
 
     #[test]
