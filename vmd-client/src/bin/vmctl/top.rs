@@ -329,7 +329,7 @@ pub(crate) async fn run(client: &Client) -> Result<(), Failure> {
     let welcome = client.welcome();
     let role = welcome
         .role
-        .map_or_else(|| "no role".to_owned(), |r| format!("{r:?}").to_lowercase());
+        .map_or_else(|| "no role".to_owned(), |r| r.to_string());
     let mut view = View::new(format!(
         "vmctl top: {} as {} ({role})",
         client.endpoint(),
