@@ -2,17 +2,22 @@
 //! user interfaces (`vmctl top`).
 //!
 //! 1. [`TmuxSession::start`] runs a shell command in a detached session of
-//!    a fixed size on a server of its own (`tmux -L <unique>`, no config
-//!    file), so tests never meet each other's or a user's tmux.
+//!    a fixed size on a server of its own (`tmux -S <socket>` in a
+//!    temporary directory, no config file), so tests never meet each
+//!    other's or a user's tmux.
 //! 2. [`TmuxSession::screen`] reads the visible pane (`capture-pane -p`);
 //!    [`TmuxSession::wait_for`] re-reads it until a condition holds.
 //! 3. [`TmuxSession::keys`] types keys (`send-keys`).
-//! 4. Dropping the session kills its server, also when a test panics.
+//! 4. Dropping the session kills its server, also when a test panics, and
+//!    removes its socket with the directory.
 //!
 //! Needs `tmux` (Debian package `tmux`); a missing tmux panics.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+
+use tempfile::TempDir;
 
 /// How often [`TmuxSession::wait_for`] re-reads the screen.
 const REREAD: Duration = Duration::from_millis(100);
@@ -20,7 +25,8 @@ const REREAD: Duration = Duration::from_millis(100);
 /// A detached tmux session on a private server.
 #[derive(Debug)]
 pub struct TmuxSession {
-    socket: String,
+    socket: PathBuf,
+    _dir: TempDir,
 }
 
 impl TmuxSession {
@@ -31,8 +37,14 @@ impl TmuxSession {
     /// # Panics
     /// If tmux is missing or cannot start the session.
     pub fn start(width: u16, height: u16, argv: &[String]) -> Self {
-        let socket = format!("vmd-test-{}-{}", std::process::id(), crate::unique());
-        let session = Self { socket };
+        let dir = tempfile::Builder::new()
+            .prefix("vmd-tmux-")
+            .tempdir()
+            .expect("temporary directory");
+        let session = Self {
+            socket: dir.path().join("socket"),
+            _dir: dir,
+        };
         let program: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
         let script = format!(
             "{}; echo \"exited with $?\"; exec sleep 3600",
@@ -55,7 +67,10 @@ impl TmuxSession {
 
     fn tmux(&self) -> Command {
         let mut command = Command::new("tmux");
-        command.args(["-L", &self.socket, "-f", "/dev/null"]);
+        command
+            .arg("-S")
+            .arg(&self.socket)
+            .args(["-f", "/dev/null"]);
         command
     }
 
