@@ -11,6 +11,8 @@
 //! - [`guest`]: QEMU guests with a Debian kernel and real AF_VSOCK.
 //! - [`microvm`], [`nspawn`], [`qemu`], [`process`]: a microvm host in
 //!   systemd-nspawn, QEMU processes, the daemon as a process.
+//! - [`rig`]: that microvm host with vmd serving it, for `vmctl` tests.
+//! - [`tmux`]: a terminal program under a private tmux server.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +21,8 @@ pub mod microvm;
 pub mod nspawn;
 pub mod process;
 pub mod qemu;
+pub mod rig;
+pub mod tmux;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

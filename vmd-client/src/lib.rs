@@ -15,6 +15,7 @@
 //! - [`endpoint`]: `tcp://`, `vsock://` and `auto` endpoints.
 //! - [`tls`]: client TLS configuration from PEM files.
 //! - [`client`]: the connection, its driver task and the typed calls.
+//! - [`watch`]: following VMs through a chain of `Watch` long-polls.
 //! - [`config`]: the `client.toml` file and where it is looked up.
 //! - `src/bin/vmctl/`: the `vmctl` command line tool.
 
@@ -25,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod endpoint;
 pub mod tls;
+pub mod watch;
 
 pub use client::{Client, ClientError, ConnectOptions};
 pub use config::ClientConfig;
@@ -32,3 +34,4 @@ pub use endpoint::Endpoint;
 pub use tls::ClientTls;
 pub use vmd_proto as proto;
 pub use vmd_proto::error_chain;
+pub use watch::Watcher;

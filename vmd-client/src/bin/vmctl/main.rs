@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 mod output;
+mod top;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,6 +128,20 @@ enum Command {
     /// Show the settings vmctl would use (config file, then flags),
     /// without connecting or reading the certificates.
     Config,
+    /// Print VM changes as they happen, the VMs' current state first: one
+    /// line per VM (one JSON object per line with --json: the VM's info, or
+    /// `{"name": …, "removed": true}`). Runs until interrupted.
+    Watch {
+        /// Only these VMs [default: every VM you may see].
+        vms: Vec<VmName>,
+        /// Exit after N lines of changes; the current state printed first
+        /// does not count (0: print the current state and exit).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// A live view of every VM you may see, updated as they change.
+    /// Keys: up/down select, s start, x stop, r restart, q quit.
+    Top,
     /// Show an operation (`op-7` or `7`).
     Op {
         /// The operation id.
@@ -326,6 +342,17 @@ async fn run(args: Args) -> Result<(), Failure> {
             );
             client.close().await;
             return Ok(());
+        }
+        Command::Watch { vms, count } => {
+            let args = watch::WatchArgs { vms, count, json };
+            let result = watch::run(&client, args, fail).await;
+            client.close().await;
+            return result;
+        }
+        Command::Top => {
+            let result = top::run(&client).await;
+            client.close().await;
+            return result;
         }
         Command::Start { vm, wait } => (client.start(&vm).await, wait),
         Command::Stop {

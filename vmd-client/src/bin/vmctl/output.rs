@@ -51,11 +51,11 @@ pub(crate) fn config(
     .to_owned()
 }
 
-fn or_dash<T: ToString>(value: Option<T>) -> String {
+pub(crate) fn or_dash<T: ToString>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-fn duration(secs: u64) -> String {
+pub(crate) fn duration(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),
@@ -220,15 +220,37 @@ pub(crate) fn vm_details(vm: &VmInfo) -> String {
             or_dash(vm.cpu_time_ns.map(|ns| format!("{:.2}s", ns as f64 / 1e9))),
         ),
         ("Tasks", or_dash(vm.tasks)),
-        (
-            "Pending",
-            or_dash(vm.pending.as_ref().map(|p| match p.id {
-                Some(id) => format!("{} ({id})", p.kind),
-                None => p.kind.to_string(),
-            })),
-        ),
+        ("Pending", pending(vm)),
     ];
     pairs(&rows)
+}
+
+/// A VM's change in progress: `start (op-3)`, or `-`.
+pub(crate) fn pending(vm: &VmInfo) -> String {
+    or_dash(vm.pending.as_ref().map(|p| match p.id {
+        Some(id) => format!("{} ({id})", p.kind),
+        None => p.kind.to_string(),
+    }))
+}
+
+/// `now/declared`, `-` for what is unknown.
+pub(crate) fn now_of<T: ToString>(now: Option<T>, declared: Option<T>) -> String {
+    format!("{}/{}", or_dash(now), or_dash(declared))
+}
+
+/// `vmctl watch`: one VM on one line,
+/// `gui-vm  running  vcpus 2/2  memory 2 GiB/2 GiB  balloon -  up 5m 3s  pending -`.
+pub(crate) fn watch_line(vm: &VmInfo) -> String {
+    format!(
+        "{}  {}  vcpus {}  memory {}  balloon {}  up {}  pending {}",
+        vm.name,
+        vm.state,
+        now_of(vm.vcpus.current, vm.vcpus.declared),
+        now_of(vm.memory.current, vm.memory.declared),
+        or_dash(vm.memory.balloon_actual),
+        or_dash(vm.uptime_secs.map(duration)),
+        pending(vm),
+    )
 }
 
 /// An operation: `op-3  start  gui-vm  succeeded (1.2s)`.
@@ -255,6 +277,23 @@ mod tests {
         assert_eq!(duration(65), "1m 5s");
         assert_eq!(duration(3700), "1h 1m");
         assert_eq!(duration(90_000), "1d 1h");
+    }
+
+    #[test]
+    fn a_watch_line_names_the_vm_and_its_state_first() {
+        let vm: VmInfo = serde_json::from_value(serde_json::json!({
+            "name": "gui-vm", "description": null, "hypervisor": null, "state": "Running",
+            "autostart": null, "protected": false, "vsock_cid": null,
+            "vcpus": {"declared": 2, "current": 2, "max": 4},
+            "memory": {"declared": 2147483648_u64, "current": null, "balloon_actual": null, "max": null},
+            "pid": 7, "uptime_secs": 303, "cgroup_memory": null, "cpu_time_ns": null,
+            "tasks": null, "pending": null
+        }))
+        .expect("a VmInfo");
+        assert_eq!(
+            watch_line(&vm),
+            "gui-vm  running  vcpus 2/2  memory -/2 GiB  balloon -  up 5m 3s  pending -"
+        );
     }
 
     #[test]
