@@ -162,6 +162,10 @@ struct IdleArgs {
     /// Client counts to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1,1000")]
     clients: Vec<usize>,
+    /// Then one more window with this many `Watch` requests held open on
+    /// one more connection (0: none).
+    #[arg(long, default_value_t = 0)]
+    watchers: usize,
 }
 
 #[derive(Debug, Args)]
@@ -244,7 +248,14 @@ async fn run(command: Command) -> Result<Vec<report::Report>, Box<dyn std::error
             .await?,
         ],
         Command::Idle(a) => {
-            procfs::idle(&a.target, &a.daemon, seconds(a.seconds), &a.clients).await?
+            procfs::idle(
+                &a.target,
+                &a.daemon,
+                seconds(a.seconds),
+                &a.clients,
+                a.watchers,
+            )
+            .await?
         }
         Command::Startup(a) => vec![procfs::startup(&a.target, &a.daemon, a.runs.max(1)).await?],
     })

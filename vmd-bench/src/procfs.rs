@@ -10,6 +10,8 @@
 //!    threads), context switches (voluntary and involuntary, summed over
 //!    `/proc/PID/task/*/status`), threads, `VmRSS` and `VmHWM`, and the
 //!    RSS each extra session costs relative to the previous phase.
+//! 4. With `--watchers N`, one more window with one more session holding
+//!    N `Watch` requests that nothing answers within it.
 //!
 //! `startup`: starts the daemon `runs` times; for each, the time from
 //! spawning it until a TCP connect succeeds (it listens) and until a first
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use vmd_proto::{Op, Request};
+use vmd_proto::{Op, Reply, Request, Response};
 
 use crate::load::{self, LoadError, Session};
 use crate::report::Report;
@@ -192,6 +194,7 @@ pub(crate) async fn idle(
     daemon: &Daemon,
     window: Duration,
     clients: &[usize],
+    watchers: usize,
 ) -> Result<Vec<Report>, Box<dyn std::error::Error>> {
     let tls = target.tls()?;
     let mut running = spawn(daemon)?;
@@ -235,9 +238,72 @@ pub(crate) async fn idle(
         previous = Some((clients, after));
         reports.push(report);
     }
+    if watchers > 0 {
+        // One more connection holding `watchers` long polls that nothing
+        // will answer within the window (vmd follows systemd's signals
+        // from the first one on, if it has a bus).
+        let (mut session, _) = load::open(target.addr, &tls).await?;
+        let generation = watch_snapshot(&mut session).await?;
+        for id in (2u32..).take(watchers) {
+            session
+                .send(&Request {
+                    id,
+                    body: Op::Watch {
+                        since: generation,
+                        vms: Vec::new(),
+                        timeout_ms: 300_000,
+                    },
+                })
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = Sample::of(running.pid).ok_or("vmd is gone")?;
+        tokio::time::sleep(window).await;
+        let after = Sample::of(running.pid).ok_or("vmd is gone")?;
+        reports.push(
+            Report::new("idle")
+                .set("clients", sessions.len() + 1)
+                .set("watchers", watchers)
+                .float("seconds", window.as_secs_f64(), 1)
+                .set("cpu_ticks", after.cpu_ticks - before.cpu_ticks)
+                .set(
+                    "voluntary_switches",
+                    after.voluntary.saturating_sub(before.voluntary),
+                )
+                .set(
+                    "involuntary_switches",
+                    after.involuntary.saturating_sub(before.involuntary),
+                )
+                .set("threads", after.threads)
+                .float("rss_mib", after.rss_kib as f64 / 1024.0, 2)
+                .float("hwm_mib", after.hwm_kib as f64 / 1024.0, 2),
+        );
+        drop(session);
+    }
     drop(sessions);
     running.child.kill().await?;
     Ok(reports)
+}
+
+/// A first `Watch` (a snapshot, answered at once): its generation.
+async fn watch_snapshot(session: &mut Session) -> Result<u64, Box<dyn std::error::Error>> {
+    session
+        .send(&Request {
+            id: 1,
+            body: Op::Watch {
+                since: 0,
+                vms: Vec::new(),
+                timeout_ms: 1,
+            },
+        })
+        .await?;
+    match session.next().await {
+        Some(Ok(Ok(Response {
+            result: Ok(Reply::Changed(event)),
+            ..
+        }))) => Ok(event.generation),
+        other => Err(format!("no Watch snapshot: {other:?}").into()),
+    }
 }
 
 /// See the module docs.

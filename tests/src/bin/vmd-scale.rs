@@ -17,6 +17,14 @@
 //!    latency, not throughput) for `list` and for `get` of the first VM,
 //!    and prints its results with `vms` and `running` added.
 //!
+//! With `--idle-watchers N --vmd PATH`, instead: one host of the first
+//! `--vms` count, and the `vmd` binary started by `vmd-bench idle` with a
+//! config for that host (its inventory, the container's bus), so vmd's
+//! subscription to systemd's unit signals is live while N `Watch`
+//! requests wait and nothing changes for `--idle-seconds` (default 60):
+//! its CPU ticks and context switches then are the cost of following
+//! systemd without polling.
+//!
 //! Needs root, systemd-container, dbus and qemu-system-x86, like the
 //! `system-tests` suites. It prints numbers; it asserts nothing about them.
 
@@ -39,11 +47,15 @@ struct Args {
     running: Option<usize>,
     seconds: f64,
     json: bool,
+    idle_watchers: usize,
+    idle_seconds: f64,
+    vmd: Option<PathBuf>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: vmd-scale --bench PATH [--vms 1,10,100] [--running N] [--seconds S] [--json]"
+        "usage: vmd-scale --bench PATH [--vms 1,10,100] [--running N] [--seconds S] [--json]\n\
+         \x20      vmd-scale --bench PATH --vmd PATH --idle-watchers N [--idle-seconds S] [--vms N] [--json]"
     );
     std::process::exit(2)
 }
@@ -55,6 +67,9 @@ fn parse_args() -> Args {
         running: None,
         seconds: 5.0,
         json: false,
+        idle_watchers: 0,
+        idle_seconds: 60.0,
+        vmd: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,11 +85,20 @@ fn parse_args() -> Args {
             "--running" => args.running = Some(value().parse().unwrap_or_else(|_| usage())),
             "--seconds" => args.seconds = value().parse().unwrap_or_else(|_| usage()),
             "--json" => args.json = true,
+            "--idle-watchers" => {
+                args.idle_watchers = value().parse().unwrap_or_else(|_| usage());
+            }
+            "--idle-seconds" => args.idle_seconds = value().parse().unwrap_or_else(|_| usage()),
+            "--vmd" => args.vmd = Some(value().into()),
             _ => usage(),
         }
     }
     if !args.bench.is_file() {
         eprintln!("vmd-scale: --bench must name the vmd-bench binary");
+        usage();
+    }
+    if args.idle_watchers > 0 && !args.vmd.as_deref().is_some_and(Path::is_file) {
+        eprintln!("vmd-scale: --idle-watchers needs --vmd naming the vmd binary");
         usage();
     }
     args
@@ -128,8 +152,9 @@ async fn bench(args: &Args, server: &TestServer, extra: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-async fn measure(args: &Args, count: usize) -> Vec<Value> {
-    let running = args.running.unwrap_or(count).min(count);
+/// A microvm host of `count` VMs, the first `running` started, in a
+/// booted container.
+async fn boot_host(count: usize, running: usize) -> (MicrovmHost, SystemdContainer) {
     let declared: Vec<DeclaredVm> = (0..count)
         .map(|i| DeclaredVm {
             // MicrovmHost takes static names; a bench run declares few.
@@ -156,6 +181,12 @@ async fn measure(args: &Args, count: usize) -> Vec<Value> {
         "vmd-scale: {count} VMs declared, {running} QEMUs up in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    (host, container)
+}
+
+async fn measure(args: &Args, count: usize) -> Vec<Value> {
+    let running = args.running.unwrap_or(count).min(count);
+    let (host, container) = boot_host(count, running).await;
     let server = TestServer::start_with(|c| {
         c.vms.inventory = InventorySource {
             state_dir: host.state_dir(),
@@ -177,9 +208,90 @@ async fn measure(args: &Args, count: usize) -> Vec<Value> {
     results
 }
 
+/// `vmd-bench idle` of a `vmd` process serving a booted host, with
+/// `--idle-watchers` watches held (see the module docs).
+async fn idle_watching(args: &Args, vmd: &Path) -> Vec<Value> {
+    let count = args.vms.first().copied().unwrap_or(1);
+    let running = args.running.unwrap_or(count).min(count);
+    let (host, container) = boot_host(count, running).await;
+    let pki = vmd_tests::TestPki::new();
+    let tls = pki.server_paths();
+    let (cert, key) = pki.client_files(pki.ca(), "bench", vmd::pki::Validity::days_from_now(1));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port();
+    let config = pki.scratch().join("vmd.toml");
+    let path = |p: &Path| p.display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\ntcp = [\"127.0.0.1:{port}\"]\n[listen.vsock]\nenable = false\n\
+             [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
+             [vms]\nstate_dir = {state:?}\ninventory = {inventory:?}\nsystemd_bus = {bus:?}\n\
+             [policy]\ndefault_role = \"reader\"\n",
+            ca = path(&tls.ca),
+            cert = path(&tls.cert),
+            key = path(&tls.key),
+            state = path(&host.state_dir()),
+            inventory = path(&host.inventory()),
+            bus = container.bus_address(),
+        ),
+    )
+    .expect("write the vmd config");
+    let out = tokio::process::Command::new(&args.bench)
+        .arg("--json")
+        .arg("idle")
+        .arg("--addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ca")
+        .arg(pki.ca_cert())
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--vmd")
+        .arg(vmd)
+        .arg("--config")
+        .arg(&config)
+        .args(["--clients", "0", "--watchers"])
+        .arg(args.idle_watchers.to_string())
+        .arg("--seconds")
+        .arg(args.idle_seconds.to_string())
+        .output()
+        .await
+        .expect("vmd-bench runs");
+    assert!(
+        out.status.success(),
+        "vmd-bench idle failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for r in &mut results {
+        r["vms"] = count.into();
+        r["running"] = running.into();
+        r["systemd"] = "nspawn".into();
+    }
+    container.stop().await;
+    results
+}
+
 #[tokio::main]
 async fn main() {
     let args = parse_args();
+    if let Some(vmd) = args.vmd.clone().filter(|_| args.idle_watchers > 0) {
+        for r in idle_watching(&args, &vmd).await {
+            if args.json {
+                println!("{r}");
+            } else {
+                println!("idle: {r}");
+            }
+        }
+        return;
+    }
     for &count in &args.vms {
         for r in measure(&args, count).await {
             if args.json {
