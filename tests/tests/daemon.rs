@@ -135,3 +135,54 @@ async fn dev_pki_is_reused_on_the_next_run() {
         .expect("old dev-admin certificate accepted");
     assert!(sigterm_and_wait(child).await.success());
 }
+
+/// `vmd reload` (SIGHUP) answers a pending `Watch` with a snapshot, so a
+/// hand-edited inventory reaches watchers without anyone polling.
+#[tokio::test]
+async fn a_reload_answers_pending_watches_with_a_snapshot() {
+    let pki = vmd_tests::TestPki::new();
+    let dir = pki.scratch().to_path_buf();
+    let inventory = dir.join("inventory.toml");
+    std::fs::write(&inventory, "[vm.app-vm]\n").expect("inventory");
+    let tls = pki.server_paths();
+    let config = dir.join("vmd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\ntcp = [\"127.0.0.1:0\"]\n[listen.vsock]\nenable = false\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+             [vms]\nstate_dir = {:?}\ninventory = {:?}\nsystemd_bus = \"unix:path=/nonexistent/bus\"\n\
+             [policy]\ndefault_role = \"reader\"\n",
+            tls.ca,
+            tls.cert,
+            tls.key,
+            dir.join("microvms"),
+            inventory
+        ),
+    )
+    .expect("config");
+    let daemon = vmd_tests::process::DaemonProcess::start(&config).await;
+    let endpoint = Endpoint::Tcp {
+        host: "127.0.0.1".into(),
+        port: daemon.port(),
+    };
+    let client = Client::connect(&endpoint, &pki.client("reader"))
+        .await
+        .expect("connects");
+    let names = |e: &vmd_proto::WatchEvent| -> Vec<String> {
+        e.changed.iter().map(|i| i.name.to_string()).collect()
+    };
+    let first = client.watch(0, Vec::new(), 1).await.expect("snapshot");
+    assert_eq!(names(&first), ["app-vm"]);
+    let held = tokio::spawn({
+        let client = client.clone();
+        async move { client.watch(first.generation, Vec::new(), 120_000).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&inventory, "[vm.app-vm]\n[vm.web-vm]\n").expect("edit");
+    daemon.signal("HUP");
+    let event = held.await.expect("task").expect("watch");
+    assert!(event.snapshot, "{event:?}");
+    assert_eq!(names(&event), ["app-vm", "web-vm"]);
+    daemon.stop().await;
+}

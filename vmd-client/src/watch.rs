@@ -20,8 +20,10 @@ use vmd_proto::{VmName, WatchEvent};
 
 use crate::client::{Client, ClientError};
 
-/// Default longest wait of one long-poll (the server may cap it lower).
-pub const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(60);
+/// Default longest wait of one long-poll: vmd's own cap (300 s), so an
+/// idle watch costs the daemon one wake-up per five minutes (the server
+/// may cap it lower).
+pub const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(300);
 
 /// How long past the requested wait an answer may take before the watch
 /// fails with [`ClientError::Timeout`].

@@ -206,6 +206,11 @@ impl Handler {
         self
     }
 
+    /// Marks every VM changed (after a reload): watches answer a snapshot.
+    pub fn vms_changed(&self) {
+        self.vms.changes().bump_all();
+    }
+
     /// The vsock CID the inventory declares for a VM (for vsock binding).
     pub fn cid_of(&self, vm: &vmd_proto::VmName) -> Option<u32> {
         self.vms.cid_of(vm)

@@ -234,6 +234,9 @@ impl ServerHandle {
     pub fn reload(&self, config: &Config) -> Result<(), ServerError> {
         let new = reloadable(config)?;
         self.ctx.replace(new);
+        // The inventory may have been edited and scopes changed: pending
+        // watches answer a fresh snapshot.
+        self.ctx.handler.vms_changed();
         info!(
             identities = config.policy.identities.len(),
             crls = config.tls.crls.len(),
