@@ -10,148 +10,19 @@
 #![cfg(feature = "system-tests")]
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use vmd::inventory::InventorySource;
-use vmd::policy::{IdentityRule, Scope};
 use vmd_client::{Client, ClientError};
-use vmd_proto::{ErrorReply, OperationStatus, Role, VmName, VmState};
-use vmd_tests::TestServer;
-use vmd_tests::microvm::{CONTAINER_STOP_SCRIPT, DeclaredVm, MicrovmHost};
-use vmd_tests::nspawn::SystemdContainer;
+use vmd_proto::{ErrorReply, OperationStatus, VmName, VmState};
+use vmd_tests::rig::{AUTO, COLD, GUARDED, MicrovmRig};
 
-/// A microvm host in a container, and vmd serving it.
-struct Rig {
-    host: MicrovmHost,
-    container: SystemdContainer,
-    server: TestServer,
-}
-
-const AUTO: &str = "auto-vm";
-const COLD: &str = "cold-vm";
-const GUARDED: &str = "admin-vm";
-
-/// Three VMs: one autostarted, one stopped, one protected (autostarted).
-async fn rig(adjust: impl FnOnce(&mut vmd::Config)) -> Rig {
-    let host = MicrovmHost::new(&[
-        DeclaredVm {
-            name: AUTO,
-            protected: false,
-            autostart: true,
-        },
-        DeclaredVm {
-            name: COLD,
-            protected: false,
-            autostart: false,
-        },
-        DeclaredVm {
-            name: GUARDED,
-            protected: true,
-            autostart: true,
-        },
-    ]);
-    let mut builder = SystemdContainer::builder()
-        .state_dir(host.state_dir())
-        .bind_ro(host.stop_script(), CONTAINER_STOP_SCRIPT);
-    for (name, contents) in host.unit_files() {
-        builder = builder.unit(&name, &contents);
-    }
-    let container = builder.boot().await;
-    // What the host does at boot: microvms.target starts its VMs.
-    container.systemctl(&["start", "microvms.target"]).await;
-    for name in [AUTO, GUARDED] {
-        wait_for_qmp(&host.socket(name)).await;
-    }
-    let server = TestServer::start_with(|c| {
-        c.vms.inventory = InventorySource {
-            state_dir: host.state_dir(),
-            file: Some(host.inventory()),
-        };
-        c.vms.systemd_bus = Some(container.bus_address());
-        c.policy.identities = vec![
-            IdentityRule {
-                change: Scope::all(),
-                ..IdentityRule::new("admin", Some(Role::Admin))
-            },
-            IdentityRule {
-                change: Scope::all(),
-                ..IdentityRule::new("operator", Some(Role::Operator))
-            },
-        ];
-        adjust(c);
-    })
-    .await;
-    Rig {
-        host,
-        container,
-        server,
-    }
-}
-
-impl Rig {
-    async fn vmctl(&self, identity: &str, args: &[&str]) -> Output {
-        let mut all = self.server.vmctl_args(identity);
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        tokio::process::Command::new(vmd_tests::vmctl())
-            .args(all)
-            .env("HOME", "/nonexistent")
-            .output()
-            .await
-            .expect("vmctl runs")
-    }
-
-    /// Runs vmctl and expects success; returns stdout.
-    async fn vmctl_ok(&self, args: &[&str]) -> String {
-        let out = self.vmctl("admin", args).await;
-        assert!(
-            out.status.success(),
-            "vmctl {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// systemd's own word on a VM's unit, not vmd's.
-    async fn active_state(&self, vm: &str) -> String {
-        self.container
-            .systemctl(&[
-                "show",
-                "-P",
-                "ActiveState",
-                &format!("microvm@{vm}.service"),
-            ])
-            .await
-            .trim()
-            .to_owned()
-    }
-
-    async fn client(&self, identity: &str) -> Client {
-        self.server.client(identity).await
-    }
-}
-
-/// Waits until QEMU answers on `socket` (it opens it shortly after its
-/// unit turns active); fails after 30 s.
-async fn wait_for_qmp(socket: &Path) {
-    let ready = async {
-        loop {
-            if let Ok(stream) = UnixStream::connect(socket).await {
-                let mut lines = BufReader::new(stream).lines();
-                if let Ok(Some(_greeting)) = lines.next_line().await {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), ready)
-        .await
-        .unwrap_or_else(|_| panic!("QEMU never answered on {}", socket.display()));
+/// The three-VM rig (autostarted, stopped, protected) with `adjust` applied
+/// to vmd's config.
+async fn rig(adjust: impl FnOnce(&mut vmd::Config)) -> MicrovmRig {
+    MicrovmRig::start(adjust).await
 }
 
 /// One raw QMP command, outside vmd.
@@ -319,7 +190,7 @@ async fn vmctl_sees_and_changes_real_vms() {
 #[tokio::test]
 async fn concurrent_changes_get_exactly_one_accept() {
     let rig = rig(|_| {}).await;
-    let client = rig.client("admin").await;
+    let client = rig.server.client("admin").await;
     let name = vm(COLD);
     let attempts = (0..20).map(|i| {
         let (client, name) = (client.clone(), name.clone());
@@ -393,7 +264,7 @@ async fn faults_are_reported_not_hung() {
         ),
     )
     .expect("rewrite inventory");
-    let client = rig.client("admin").await;
+    let client = rig.server.client("admin").await;
 
     // The mute socket: the operation ends with Timeout.
     let op = client.pause(&vm(AUTO)).await.expect("accepted");
