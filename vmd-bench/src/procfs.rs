@@ -209,25 +209,8 @@ pub(crate) async fn idle(
         if clients > sessions.len() {
             sessions.extend(open_many(target, &tls, clients - sessions.len()).await?);
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let before = Sample::of(running.pid).ok_or("vmd is gone")?;
-        tokio::time::sleep(window).await;
-        let after = Sample::of(running.pid).ok_or("vmd is gone")?;
-        let mut report = Report::new("idle")
-            .set("clients", clients)
-            .float("seconds", window.as_secs_f64(), 1)
-            .set("cpu_ticks", after.cpu_ticks - before.cpu_ticks)
-            .set(
-                "voluntary_switches",
-                after.voluntary.saturating_sub(before.voluntary),
-            )
-            .set(
-                "involuntary_switches",
-                after.involuntary.saturating_sub(before.involuntary),
-            )
-            .set("threads", after.threads)
-            .float("rss_mib", after.rss_kib as f64 / 1024.0, 2)
-            .float("hwm_mib", after.hwm_kib as f64 / 1024.0, 2);
+        let (before, after) = idle_window(running.pid, window).await?;
+        let mut report = idle_report(clients, window, &before, &after);
         if before.threads != after.threads {
             report = report.set("threads_before", before.threads);
         }
@@ -256,33 +239,46 @@ pub(crate) async fn idle(
                 })
                 .await?;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let before = Sample::of(running.pid).ok_or("vmd is gone")?;
-        tokio::time::sleep(window).await;
-        let after = Sample::of(running.pid).ok_or("vmd is gone")?;
+        let (before, after) = idle_window(running.pid, window).await?;
         reports.push(
-            Report::new("idle")
-                .set("clients", sessions.len() + 1)
-                .set("watchers", watchers)
-                .float("seconds", window.as_secs_f64(), 1)
-                .set("cpu_ticks", after.cpu_ticks - before.cpu_ticks)
-                .set(
-                    "voluntary_switches",
-                    after.voluntary.saturating_sub(before.voluntary),
-                )
-                .set(
-                    "involuntary_switches",
-                    after.involuntary.saturating_sub(before.involuntary),
-                )
-                .set("threads", after.threads)
-                .float("rss_mib", after.rss_kib as f64 / 1024.0, 2)
-                .float("hwm_mib", after.hwm_kib as f64 / 1024.0, 2),
+            idle_report(sessions.len() + 1, window, &before, &after).set("watchers", watchers),
         );
         drop(session);
     }
     drop(sessions);
     running.child.kill().await?;
     Ok(reports)
+}
+
+/// A settling second, then samples of `pid` around an idle `window`.
+async fn idle_window(
+    pid: u32,
+    window: Duration,
+) -> Result<(Sample, Sample), Box<dyn std::error::Error>> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = Sample::of(pid).ok_or("vmd is gone")?;
+    tokio::time::sleep(window).await;
+    let after = Sample::of(pid).ok_or("vmd is gone")?;
+    Ok((before, after))
+}
+
+/// What an idle window cost the daemon.
+fn idle_report(clients: usize, window: Duration, before: &Sample, after: &Sample) -> Report {
+    Report::new("idle")
+        .set("clients", clients)
+        .float("seconds", window.as_secs_f64(), 1)
+        .set("cpu_ticks", after.cpu_ticks - before.cpu_ticks)
+        .set(
+            "voluntary_switches",
+            after.voluntary.saturating_sub(before.voluntary),
+        )
+        .set(
+            "involuntary_switches",
+            after.involuntary.saturating_sub(before.involuntary),
+        )
+        .set("threads", after.threads)
+        .float("rss_mib", after.rss_kib as f64 / 1024.0, 2)
+        .float("hwm_mib", after.hwm_kib as f64 / 1024.0, 2)
 }
 
 /// A first `Watch` (a snapshot, answered at once): its generation.
