@@ -1,5 +1,5 @@
 //! A microvm host with vmd serving it, for `vmctl` system tests: systemd
-//! in [`crate::nspawn`] runs three [`crate::microvm`] VMs as real QEMU, and
+//! in [`crate::nspawn`] runs [`crate::microvm`] VMs (three by default) as real QEMU, and
 //! a [`TestServer`] on this machine reads the same state directory, talks
 //! to that systemd over its bus and to QEMU over QMP.
 //!
@@ -49,23 +49,36 @@ impl MicrovmRig {
     /// # Panics
     /// If the container does not boot or a VM does not come up.
     pub async fn start(adjust: impl FnOnce(&mut vmd::Config)) -> Self {
-        let host = MicrovmHost::new(&[
-            DeclaredVm {
-                name: AUTO,
-                protected: false,
-                autostart: true,
-            },
-            DeclaredVm {
-                name: COLD,
-                protected: false,
-                autostart: false,
-            },
-            DeclaredVm {
-                name: GUARDED,
-                protected: true,
-                autostart: true,
-            },
-        ]);
+        Self::with_vms(
+            &[
+                DeclaredVm {
+                    name: AUTO,
+                    protected: false,
+                    autostart: true,
+                },
+                DeclaredVm {
+                    name: COLD,
+                    protected: false,
+                    autostart: false,
+                },
+                DeclaredVm {
+                    name: GUARDED,
+                    protected: true,
+                    autostart: true,
+                },
+            ],
+            adjust,
+        )
+        .await
+    }
+
+    /// The rig with `vms` (the autostarted ones running once it is up);
+    /// `adjust` changes vmd's config before it starts.
+    ///
+    /// # Panics
+    /// If the container does not boot or a VM does not come up.
+    pub async fn with_vms(vms: &[DeclaredVm], adjust: impl FnOnce(&mut vmd::Config)) -> Self {
+        let host = MicrovmHost::new(vms);
         let mut builder = SystemdContainer::builder()
             .state_dir(host.state_dir())
             .bind_ro(host.stop_script(), CONTAINER_STOP_SCRIPT);
@@ -74,8 +87,8 @@ impl MicrovmRig {
         }
         let container = builder.boot().await;
         container.systemctl(&["start", "microvms.target"]).await;
-        for name in [AUTO, GUARDED] {
-            wait_for_qmp(&host.socket(name)).await;
+        for vm in vms.iter().filter(|vm| vm.autostart) {
+            wait_for_qmp(&host.socket(vm.name)).await;
         }
         let server = TestServer::start_with(|c| {
             c.vms.inventory = InventorySource {

@@ -13,13 +13,11 @@
 
 use std::time::{Duration, Instant};
 
-use vmd::inventory::InventorySource;
 use vmd::policy::{IdentityRule, Scope};
 use vmd_client::Client;
 use vmd_proto::{Role, VmName, VmState, WatchEvent};
-use vmd_tests::TestServer;
-use vmd_tests::microvm::{CONTAINER_STOP_SCRIPT, DeclaredVm, MicrovmHost};
-use vmd_tests::nspawn::SystemdContainer;
+use vmd_tests::microvm::DeclaredVm;
+use vmd_tests::rig::MicrovmRig;
 
 const GUI: &str = "gui-vm";
 const NET: &str = "net-vm";
@@ -27,40 +25,15 @@ const NET: &str = "net-vm";
 /// Long enough that only a change can end a watch in this test.
 const HOLD_MS: u32 = 120_000;
 
-struct Rig {
-    host: MicrovmHost,
-    container: SystemdContainer,
-    server: TestServer,
-}
-
 /// Two stopped VMs; `admin` sees both, `gui` only gui-vm, `net` only
 /// net-vm.
-async fn rig() -> Rig {
-    let host = MicrovmHost::new(&[
-        DeclaredVm {
-            name: GUI,
-            protected: false,
-            autostart: false,
-        },
-        DeclaredVm {
-            name: NET,
-            protected: false,
-            autostart: false,
-        },
-    ]);
-    let mut builder = SystemdContainer::builder()
-        .state_dir(host.state_dir())
-        .bind_ro(host.stop_script(), CONTAINER_STOP_SCRIPT);
-    for (name, contents) in host.unit_files() {
-        builder = builder.unit(&name, &contents);
-    }
-    let container = builder.boot().await;
-    let server = TestServer::start_with(|c| {
-        c.vms.inventory = InventorySource {
-            state_dir: host.state_dir(),
-            file: Some(host.inventory()),
-        };
-        c.vms.systemd_bus = Some(container.bus_address());
+async fn rig() -> MicrovmRig {
+    let stopped = |name| DeclaredVm {
+        name,
+        protected: false,
+        autostart: false,
+    };
+    MicrovmRig::with_vms(&[stopped(GUI), stopped(NET)], |c| {
         let reader = |name: &str, visible: Scope| IdentityRule {
             visible,
             ..IdentityRule::new(name, Some(Role::Reader))
@@ -71,12 +44,7 @@ async fn rig() -> Rig {
             reader("net", Scope::of([NET])),
         ];
     })
-    .await;
-    Rig {
-        host,
-        container,
-        server,
-    }
+    .await
 }
 
 fn vm(name: &str) -> VmName {
@@ -197,7 +165,6 @@ async fn changes_behind_vmds_back_wake_pending_watches() {
         "nothing changed, yet: {quiet:?}"
     );
     rig.server.stop().await;
-    drop(rig.host);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
