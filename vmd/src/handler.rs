@@ -206,9 +206,10 @@ impl Handler {
         self
     }
 
-    /// Marks every VM changed (after a reload): watches answer a snapshot.
+    /// After a reload: the inventory may have changed, so unit signals
+    /// are followed anew and pending watches answer a snapshot.
     pub fn vms_changed(&self) {
-        self.vms.changes().bump_all();
+        self.vms.refollow();
     }
 
     /// The vsock CID the inventory declares for a VM (for vsock binding).

@@ -150,6 +150,8 @@ pub struct VmService {
     changes: Arc<Changes>,
     /// Whether a task follows the service manager's unit signals.
     following: Arc<AtomicBool>,
+    /// That task, to stop it when the inventory may have changed.
+    follower: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
 }
 
 impl VmService {
@@ -169,6 +171,7 @@ impl VmService {
             deadlines,
             changes: Arc::new(Changes::new()),
             following: Arc::new(AtomicBool::new(false)),
+            follower: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -359,19 +362,29 @@ impl VmService {
         })
     }
 
-    /// Makes sure a task follows the service manager's unit signals and
-    /// bumps the VMs they are about. Started by the first watch, not
-    /// before: a daemon nobody watches holds no subscription. When the
-    /// signal stream ends (the bus went away) every VM counts as changed
-    /// and the next watch subscribes again; nothing retries in between.
+    /// Makes sure a task follows the service manager's signals about the
+    /// declared VMs' units and bumps the VMs they are about. Started by
+    /// the first watch, not before: a daemon nobody watches holds no
+    /// subscription. When the signal stream ends (the bus went away) every
+    /// VM counts as changed and the next watch subscribes again; nothing
+    /// retries in between. [`VmService::refollow`] makes the next watch
+    /// subscribe anew (after a reload: the inventory may have changed).
     async fn follow_units(&self) {
         if self.following.swap(true, Ordering::SeqCst) {
             return;
         }
-        match self.units.events().await {
+        let units: Vec<String> = match self.inventory.load() {
+            Ok(specs) => specs.into_iter().map(|spec| spec.unit).collect(),
+            Err(e) => {
+                warn!(error = %vmd_proto::error_chain(&e), "inventory unreadable; not following units");
+                self.following.store(false, Ordering::SeqCst);
+                return;
+            }
+        };
+        match self.units.events(&units).await {
             Ok(mut events) => {
                 let service = self.clone();
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     while let Some(unit) = events.next().await {
                         service.unit_changed(&unit);
                     }
@@ -379,12 +392,36 @@ impl VmService {
                     service.following.store(false, Ordering::SeqCst);
                     service.changes.bump_all();
                 });
+                let old = self
+                    .follower
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .replace(task.abort_handle());
+                if let Some(old) = old {
+                    old.abort();
+                }
             }
             Err(e) => {
                 warn!(error = %e, "cannot follow unit signals; watches see vmd's own changes only");
                 self.following.store(false, Ordering::SeqCst);
             }
         }
+    }
+
+    /// Drops the unit-signal subscription (if any) so the next watch
+    /// subscribes for the units the inventory declares then, and marks
+    /// every VM changed so pending watches answer a snapshot.
+    pub fn refollow(&self) {
+        let task = self
+            .follower
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            task.abort();
+        }
+        self.following.store(false, Ordering::SeqCst);
+        self.changes.bump_all();
     }
 
     /// A unit signal: bumps the VM that runs as `unit`, if any.
@@ -1153,8 +1190,11 @@ pub(crate) mod tests {
         ) -> BoxFuture<'a, Result<(), BackendError>> {
             self.0.restart(u, d)
         }
-        fn events(&self) -> BoxFuture<'_, Result<crate::backend::UnitEvents, BackendError>> {
-            self.0.events()
+        fn events<'a>(
+            &'a self,
+            units: &'a [String],
+        ) -> BoxFuture<'a, Result<crate::backend::UnitEvents, BackendError>> {
+            self.0.events(units)
         }
     }
 

@@ -125,7 +125,7 @@ impl Units for FakeUnits {
         Box::pin(self.change("restart", unit, ActiveState::Active))
     }
 
-    fn events(&self) -> BoxFuture<'_, Result<UnitEvents, BackendError>> {
+    fn events<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<UnitEvents, BackendError>> {
         Box::pin(async move {
             if *self.down.lock().expect("lock") {
                 return Err(BackendError::Unavailable("systemd".into()));

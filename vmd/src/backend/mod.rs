@@ -162,11 +162,13 @@ pub trait Units: Send + Sync + std::fmt::Debug {
         deadline: Duration,
     ) -> BoxFuture<'a, Result<(), BackendError>>;
 
-    /// A stream of unit names, one each time a unit's state changes, a job
-    /// of it ends, or it is loaded or unloaded, as the service manager
-    /// signals it (nothing polls). It ends when the connection behind it
-    /// does; events may have been lost then.
-    fn events(&self) -> BoxFuture<'_, Result<UnitEvents, BackendError>>;
+    /// A stream of the names of `units`, one each time one's state
+    /// changes or a job of it ends, as the service manager signals it
+    /// (nothing polls; other units' signals are not even delivered). It
+    /// ends when the connection behind it does; events may have been lost
+    /// then.
+    fn events<'a>(&'a self, units: &'a [String])
+    -> BoxFuture<'a, Result<UnitEvents, BackendError>>;
 }
 
 /// The hypervisor's run state (QMP `query-status`).

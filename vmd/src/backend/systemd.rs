@@ -410,24 +410,32 @@ impl Systemd {
     }
 
     /// [`Units::events`]: on a connection of its own (so its lifetime is
-    /// the stream's), subscribed, with matches for every unit's
-    /// `PropertiesChanged` on the `Unit` interface and the Manager's
-    /// `JobRemoved`. Not `UnitNew`/`UnitRemoved`: reading a stopped
-    /// template instance loads it and systemd unloads it again soon after,
-    /// so those would echo vmd's own reads back as changes (a watch
-    /// answered, re-read, answered again, forever); loading changes no
-    /// VM's state.
-    async fn unit_events(&self) -> Result<UnitEvents, BackendError> {
+    /// the stream's), subscribed, with two matches per unit: its
+    /// `PropertiesChanged` on the `Unit` interface, at the object path
+    /// systemd gives it, and the Manager's `JobRemoved` for it. Only those
+    /// units' signals reach vmd: other units changing on a busy host never
+    /// wake it. Not `UnitNew`/`UnitRemoved`: reading a stopped template
+    /// instance loads it and systemd unloads it again soon after, so those
+    /// would echo vmd's own reads back as changes (a watch answered,
+    /// re-read, answered again, forever); loading changes no VM's state.
+    async fn unit_events(&self, units: Vec<String>) -> Result<UnitEvents, BackendError> {
+        if units.is_empty() {
+            // Nothing to follow: a stream that has nothing to say.
+            return Ok(futures_util::stream::pending().boxed());
+        }
         let conn = tokio::time::timeout(self.call_timeout, self.connect())
             .await
             .unwrap_or_else(|_| Err(self.unavailable("connecting timed out")))?;
-        let rules = [unit_properties_rule(), manager_signal_rule("JobRemoved")];
         let mut streams = Vec::new();
-        for rule in rules {
-            let rule = rule.map_err(|e| protocol("AddMatch", "", &e.to_string()))?;
-            streams.push(self.subscribe(&conn, rule, "unit events").await?);
+        for unit in &units {
+            let path = unit_object_path(unit);
+            let rules = [properties_changed_rule(&path), job_removed_rule(unit)];
+            for rule in rules {
+                let rule = rule.map_err(|e| protocol("AddMatch", unit, &e.to_string()))?;
+                streams.push(self.subscribe(&conn, rule, unit).await?);
+            }
         }
-        tracing::debug!(address = %self.address, "subscribed to systemd's unit signals");
+        tracing::debug!(address = %self.address, units = units.len(), "following unit signals");
         let events = futures_util::stream::select_all(streams)
             .filter_map(|msg| async move { msg.ok().as_ref().and_then(changed_unit) });
         // The streams keep `conn` open; it closes when they are dropped.
@@ -499,8 +507,11 @@ impl Units for Systemd {
         Box::pin(self.job(Job::Restart, unit, deadline))
     }
 
-    fn events(&self) -> BoxFuture<'_, Result<UnitEvents, BackendError>> {
-        Box::pin(self.unit_events())
+    fn events<'a>(
+        &'a self,
+        units: &'a [String],
+    ) -> BoxFuture<'a, Result<UnitEvents, BackendError>> {
+        Box::pin(self.unit_events(units.to_vec()))
     }
 }
 
@@ -633,27 +644,20 @@ fn job_removed_rule(unit: &str) -> zbus::Result<MatchRule<'_>> {
 /// Where systemd puts unit objects.
 const UNIT_PATH_NAMESPACE: &str = "/org/freedesktop/systemd1/unit";
 
-/// Matches `PropertiesChanged` of the `Unit` interface of every unit.
-fn unit_properties_rule() -> zbus::Result<MatchRule<'static>> {
-    Ok(MatchRule::builder()
-        .msg_type(Type::Signal)
-        .sender(DESTINATION)?
-        .path_namespace(UNIT_PATH_NAMESPACE)?
-        .interface(PROPERTIES)?
-        .member("PropertiesChanged")?
-        .arg(0, UNIT)?
-        .build())
-}
-
-/// Matches the Manager's signal `member`, for every unit.
-fn manager_signal_rule(member: &'static str) -> zbus::Result<MatchRule<'static>> {
-    Ok(MatchRule::builder()
-        .msg_type(Type::Signal)
-        .sender(DESTINATION)?
-        .path(MANAGER_PATH)?
-        .interface(MANAGER)?
-        .member(member)?
-        .build())
+/// The object path systemd gives `unit`: every byte outside
+/// `[A-Za-z0-9]` (and a leading digit) escaped as `_xx` (hex).
+fn unit_object_path(unit: &str) -> String {
+    let mut path = String::with_capacity(UNIT_PATH_NAMESPACE.len() + 1 + unit.len() * 3);
+    path.push_str(UNIT_PATH_NAMESPACE);
+    path.push('/');
+    for (i, byte) in unit.bytes().enumerate() {
+        if byte.is_ascii_alphabetic() || (byte.is_ascii_digit() && i > 0) {
+            path.push(char::from(byte));
+        } else {
+            path.push_str(&format!("_{byte:02x}"));
+        }
+    }
+    path
 }
 
 /// The unit a signal is about: the unit name in `JobRemoved` (`uoss`),
@@ -814,6 +818,24 @@ mod tests {
             ("SubState", s(sub)),
             ("ActiveEnterTimestamp", OwnedValue::from(entered)),
         ])
+    }
+
+    #[test]
+    fn unit_names_escape_to_systemds_object_paths() {
+        assert_eq!(
+            unit_object_path("microvm@gui-vm.service"),
+            "/org/freedesktop/systemd1/unit/microvm_40gui_2dvm_2eservice"
+        );
+        assert_eq!(
+            unit_object_path("9p.mount"),
+            "/org/freedesktop/systemd1/unit/_39p_2emount"
+        );
+        for unit in ["microvm@gui-vm.service", "a_b.service", "9p.mount"] {
+            assert_eq!(
+                unit_from_path(&unit_object_path(unit)).as_deref(),
+                Some(unit)
+            );
+        }
     }
 
     #[test]
