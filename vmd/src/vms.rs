@@ -163,13 +163,32 @@ impl VmService {
         ops: Operations,
         deadlines: ChangeDeadlines,
     ) -> Self {
+        let changes = Arc::new(Changes::new());
+        // Hypervisor events seen during vmd's own sessions (a balloon that
+        // moved, a vCPU unplugged, a guest that stopped) bump their VM.
+        control.set_event_sink({
+            let changes = Arc::clone(&changes);
+            let inventory = inventory.clone();
+            crate::backend::EventSink::new(move |socket: &std::path::Path, event: &str| {
+                let Ok(specs) = inventory.load() else {
+                    return;
+                };
+                if let Some(spec) = specs
+                    .iter()
+                    .find(|spec| spec.control_socket.as_deref() == Some(socket))
+                {
+                    tracing::debug!(vm = %spec.name, event, "hypervisor event");
+                    changes.bump(&spec.name);
+                }
+            })
+        });
         Self {
             inventory,
             units,
             control,
             ops,
             deadlines,
-            changes: Arc::new(Changes::new()),
+            changes,
             following: Arc::new(AtomicBool::new(false)),
             follower: Arc::new(std::sync::Mutex::new(None)),
         }
@@ -1244,5 +1263,21 @@ pub(crate) mod tests {
         let vms = service.list(&Scope::all(), "t").await.expect("listed");
         assert_eq!(vms.len(), 3);
         assert_eq!(began.elapsed(), Slow::<FakeUnits>::DELAY);
+    }
+
+    /// A hypervisor event seen during one of vmd's sessions bumps the VM
+    /// whose control socket it came from, and only that one.
+    #[test]
+    fn hypervisor_events_bump_their_vm() {
+        let f = fixture(None);
+        let sink = f.control.sink.lock().expect("lock").clone().expect("set");
+        let start = f.service.changes().generation();
+        let socket = f.dir.path().join("microvms/app-vm/app-vm.sock");
+        sink.report(&socket, "BALLOON_CHANGE");
+        sink.report(&f.dir.path().join("elsewhere.sock"), "STOP");
+        assert_eq!(
+            f.service.changes().since(start).1,
+            crate::watch::Changed::Some(vec![VmName::new("app-vm").expect("valid")])
+        );
     }
 }

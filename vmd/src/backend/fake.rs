@@ -12,7 +12,8 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    ActiveState, BackendError, LiveState, RunState, UnitEvents, UnitStatus, Units, VmControl,
+    ActiveState, BackendError, EventSink, LiveState, RunState, UnitEvents, UnitStatus, Units,
+    VmControl,
 };
 
 /// Units that change state when told to. Changes wait for a permit of
@@ -145,6 +146,8 @@ impl Units for FakeUnits {
 pub struct FakeControl {
     /// Live state per socket (absent: unavailable).
     pub live: Mutex<HashMap<PathBuf, LiveState>>,
+    /// The event sink the VM service set.
+    pub sink: Mutex<Option<EventSink>>,
 }
 
 impl FakeControl {
@@ -159,6 +162,10 @@ impl FakeControl {
 }
 
 impl VmControl for FakeControl {
+    fn set_event_sink(&self, sink: EventSink) {
+        *self.sink.lock().expect("lock") = Some(sink);
+    }
+
     fn query<'a>(&'a self, socket: &'a Path) -> BoxFuture<'a, Result<LiveState, BackendError>> {
         Box::pin(async move {
             self.live

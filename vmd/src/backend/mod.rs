@@ -240,4 +240,38 @@ pub trait VmControl: Send + Sync + std::fmt::Debug {
 
     /// Presses the ACPI power button (`system_powerdown`).
     fn powerdown<'a>(&'a self, socket: &'a Path) -> BoxFuture<'a, Result<(), BackendError>>;
+
+    /// Where the hypervisor's events go (QMP `STOP`, `RESUME`, `SHUTDOWN`,
+    /// `BALLOON_CHANGE`, `DEVICE_DELETED`, …), as `sink(socket, event)`.
+    /// Only events that arrive while vmd holds a session (a query or a
+    /// change) are seen: vmd holds no connection between them. Default:
+    /// none are reported.
+    fn set_event_sink(&self, sink: EventSink) {
+        let _ = sink;
+    }
+}
+
+/// Receives a hypervisor's events: the control socket and the event name.
+#[derive(Clone)]
+pub struct EventSink(std::sync::Arc<EventFn>);
+
+/// What an [`EventSink`] calls.
+type EventFn = dyn Fn(&Path, &str) + Send + Sync;
+
+impl EventSink {
+    /// A sink calling `f(socket, event)`.
+    pub fn new(f: impl Fn(&Path, &str) + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+
+    /// Reports `event` from `socket`.
+    pub fn report(&self, socket: &Path, event: &str) {
+        (self.0)(socket, event);
+    }
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
 }

@@ -64,7 +64,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::time::{Instant, timeout_at};
 
-use super::{BackendError, CpuSlot, LiveState, RunState, VmControl};
+use super::{BackendError, CpuSlot, EventSink, LiveState, RunState, VmControl};
 
 /// The longest line accepted from a QMP socket, in bytes. Real replies are
 /// a few KiB; the cap keeps a hostile socket from exhausting memory.
@@ -104,6 +104,7 @@ const TOPOLOGY: [&str; 7] = [
 pub struct Qmp {
     timeout: Duration,
     locks: std::sync::Mutex<HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>>,
+    events: std::sync::RwLock<Option<EventSink>>,
 }
 
 impl Qmp {
@@ -113,6 +114,7 @@ impl Qmp {
         Self {
             timeout,
             locks: std::sync::Mutex::new(HashMap::new()),
+            events: std::sync::RwLock::new(None),
         }
     }
 
@@ -150,7 +152,12 @@ impl Qmp {
         let stream = timeout_at(deadline, connect(socket))
             .await
             .map_err(|_| BackendError::SocketBusy(format!("QMP {}", socket.display())))??;
-        let session = timeout_at(deadline, Session::open(stream, socket))
+        let sink = self
+            .events
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let session = timeout_at(deadline, Session::open(stream, socket, sink))
             .await
             .map_err(|_| {
                 BackendError::Timeout(format!(
@@ -182,6 +189,10 @@ impl Default for Qmp {
 impl VmControl for Qmp {
     fn query<'a>(&'a self, socket: &'a Path) -> BoxFuture<'a, Result<LiveState, BackendError>> {
         Box::pin(self.with_session(socket, query))
+    }
+
+    fn set_event_sink(&self, sink: EventSink) {
+        *self.events.write().unwrap_or_else(PoisonError::into_inner) = Some(sink);
     }
 
     fn pause<'a>(&'a self, socket: &'a Path) -> BoxFuture<'a, Result<(), BackendError>> {
@@ -518,17 +529,23 @@ struct Session {
     socket: PathBuf,
     next_id: u64,
     line: Vec<u8>,
+    events: Option<EventSink>,
 }
 
 impl Session {
     /// Reads the greeting on a fresh connection and leaves negotiation
     /// mode.
-    async fn open(stream: UnixStream, socket: &Path) -> Result<Self, BackendError> {
+    async fn open(
+        stream: UnixStream,
+        socket: &Path,
+        events: Option<EventSink>,
+    ) -> Result<Self, BackendError> {
         let mut session = Self {
             stream: BufReader::new(stream),
             socket: socket.to_owned(),
             next_id: 0,
             line: Vec::new(),
+            events,
         };
         let greeting = session.read_value().await?;
         if greeting.get("QMP").is_none_or(|qmp| !qmp.is_object()) {
@@ -566,7 +583,10 @@ impl Session {
             let message: Message = serde_json::from_value(value).map_err(|e| {
                 BackendError::Protocol(format!("unexpected reply to {command}: {e}"))
             })?;
-            if message.event.is_some() {
+            if let Some(event) = &message.event {
+                if let Some(sink) = &self.events {
+                    sink.report(&self.socket, event);
+                }
                 continue;
             }
             if message.id.as_ref().and_then(Value::as_u64) != Some(id) {
@@ -874,7 +894,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn events_between_replies_are_skipped() {
+    async fn events_between_replies_are_skipped_and_reported() {
         let fake = Fake::start(|command, args| {
             let event = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#;
             let mut lines = vec![event.to_owned(), event.to_owned()];
@@ -882,9 +902,26 @@ mod tests {
             lines
         });
         let qmp = qmp();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        qmp.set_event_sink({
+            let seen = seen.clone();
+            EventSink::new(move |socket: &Path, event: &str| {
+                seen.lock()
+                    .expect("lock")
+                    .push((socket.to_owned(), event.to_owned()));
+            })
+        });
         qmp.pause(&fake.socket()).await.expect("pause");
         let state = qmp.query(&fake.socket()).await.expect("query");
         assert_eq!(state.vcpus, Some(2));
+        // Every event that came during the sessions reached the sink.
+        let seen = seen.lock().expect("lock");
+        assert!(seen.len() >= 4, "{seen:?}");
+        assert!(
+            seen.iter()
+                .all(|(socket, event)| *socket == fake.socket() && event == "STOP"),
+            "{seen:?}"
+        );
     }
 
     #[tokio::test]
