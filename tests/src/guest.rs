@@ -112,6 +112,17 @@ impl GuestAssets {
         ASSETS.get_or_init(Self::make).clone()
     }
 
+    /// [`GuestAssets::ensure`] off the async runtime's threads (the first
+    /// call downloads and builds for minutes).
+    ///
+    /// # Panics
+    /// As [`GuestAssets::ensure`].
+    pub async fn ready() -> Self {
+        tokio::task::spawn_blocking(Self::ensure)
+            .await
+            .expect("guest assets are made")
+    }
+
     fn make() -> Self {
         let started = Instant::now();
         let cache = cache_dir();

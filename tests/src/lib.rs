@@ -292,6 +292,49 @@ impl TestServer {
         ]
     }
 
+    /// The `vmctl` command line that reaches this daemon as `identity` (a
+    /// fresh certificate) and runs `args`, with no config file in reach.
+    pub fn vmctl_argv(&self, identity: &str, args: &[&str]) -> Vec<String> {
+        let mut argv = vec![vmctl().display().to_string()];
+        argv.extend(self.vmctl_args(identity));
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        argv
+    }
+
+    /// `vmctl` as `identity` running `args`, ready to spawn.
+    pub fn vmctl_command(&self, identity: &str, args: &[&str]) -> tokio::process::Command {
+        let argv = self.vmctl_argv(identity, args);
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command.args(&argv[1..]).env("HOME", "/nonexistent");
+        command
+    }
+
+    /// Runs `vmctl` as `identity` to the end.
+    ///
+    /// # Panics
+    /// If it cannot be started.
+    pub async fn vmctl(&self, identity: &str, args: &[&str]) -> std::process::Output {
+        self.vmctl_command(identity, args)
+            .output()
+            .await
+            .expect("vmctl runs")
+    }
+
+    /// Runs `vmctl` as `admin` and expects success; returns stdout.
+    ///
+    /// # Panics
+    /// If it fails.
+    pub async fn vmctl_ok(&self, args: &[&str]) -> String {
+        let out = self.vmctl("admin", args).await;
+        assert!(
+            out.status.success(),
+            "vmctl {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts a graceful shutdown without waiting for it.
     pub fn begin_shutdown(&self) {
         self.cancel.cancel();
@@ -356,4 +399,20 @@ pub fn vmctl() -> PathBuf {
 /// The `vmd` binary.
 pub fn vmd() -> PathBuf {
     workspace_binary("vmd")
+}
+
+/// The `dev-admin` client of the development PKI that `vmd serve --dev`
+/// made under `dev_dir`.
+///
+/// # Panics
+/// If that PKI has not been made.
+pub fn dev_client(dev_dir: &Path) -> ClientTls {
+    let pki = dev_dir.join("pki");
+    ClientTls::from_files(
+        &pki.join("ca.pem"),
+        &pki.join("clients/dev-admin.pem"),
+        &pki.join("clients/dev-admin.key"),
+        vmd_proto::SERVER_NAME,
+    )
+    .expect("dev PKI was created")
 }

@@ -116,47 +116,24 @@ impl MicrovmRig {
         }
     }
 
-    /// The `vmctl` command line that reaches vmd as `identity` (a fresh
-    /// certificate) and runs `args`, with no config file in reach.
+    /// See [`TestServer::vmctl_argv`].
     pub fn vmctl_argv(&self, identity: &str, args: &[&str]) -> Vec<String> {
-        let mut argv = vec![crate::vmctl().display().to_string()];
-        argv.extend(self.server.vmctl_args(identity));
-        argv.extend(args.iter().map(|a| (*a).to_owned()));
-        argv
+        self.server.vmctl_argv(identity, args)
     }
 
-    /// `vmctl` as `identity` running `args`, ready to spawn.
+    /// See [`TestServer::vmctl_command`].
     pub fn vmctl_command(&self, identity: &str, args: &[&str]) -> tokio::process::Command {
-        let argv = self.vmctl_argv(identity, args);
-        let mut command = tokio::process::Command::new(&argv[0]);
-        command.args(&argv[1..]).env("HOME", "/nonexistent");
-        command
+        self.server.vmctl_command(identity, args)
     }
 
-    /// Runs `vmctl` as `identity` to the end.
-    ///
-    /// # Panics
-    /// If it cannot be started.
+    /// See [`TestServer::vmctl`].
     pub async fn vmctl(&self, identity: &str, args: &[&str]) -> Output {
-        self.vmctl_command(identity, args)
-            .output()
-            .await
-            .expect("vmctl runs")
+        self.server.vmctl(identity, args).await
     }
 
-    /// Runs `vmctl` as `admin` and expects success; returns stdout.
-    ///
-    /// # Panics
-    /// If it fails.
+    /// See [`TestServer::vmctl_ok`].
     pub async fn vmctl_ok(&self, args: &[&str]) -> String {
-        let out = self.vmctl("admin", args).await;
-        assert!(
-            out.status.success(),
-            "vmctl {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.server.vmctl_ok(args).await
     }
 
     /// systemd's own word on a VM's unit (`active`, `inactive`, …).

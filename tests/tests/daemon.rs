@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use vmd_client::{Client, ClientTls, Endpoint};
+use vmd_client::{Client, Endpoint};
 
 /// Longest wait for the daemon to start or stop.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -49,17 +49,6 @@ async fn start_dev(
     (child, port, lines)
 }
 
-fn dev_client(dev_dir: &Path) -> ClientTls {
-    let pki = dev_dir.join("pki");
-    ClientTls::from_files(
-        &pki.join("ca.pem"),
-        &pki.join("clients/dev-admin.pem"),
-        &pki.join("clients/dev-admin.key"),
-        vmd_proto::SERVER_NAME,
-    )
-    .expect("dev PKI was created")
-}
-
 async fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
     let pid = child.id().expect("running").to_string();
     let kill = std::process::Command::new("kill")
@@ -82,7 +71,7 @@ async fn dev_mode_creates_its_pki_serves_and_stops_on_sigterm() {
         host: "127.0.0.1".into(),
         port,
     };
-    let client = Client::connect(&endpoint, &dev_client(dir.path()))
+    let client = Client::connect(&endpoint, &vmd_tests::dev_client(dir.path()))
         .await
         .expect("dev-admin connects");
     assert_eq!(client.welcome().identity, "dev-admin");
@@ -130,7 +119,7 @@ async fn dev_pki_is_reused_on_the_next_run() {
         std::fs::read(dir.path().join("pki/clients/dev-admin.pem")).expect("cert"),
         cert
     );
-    Client::connect(&endpoint, &dev_client(dir.path()))
+    Client::connect(&endpoint, &vmd_tests::dev_client(dir.path()))
         .await
         .expect("old dev-admin certificate accepted");
     assert!(sigterm_and_wait(child).await.success());

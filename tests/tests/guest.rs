@@ -55,9 +55,7 @@ fn tagged_json(run: &vmd_tests::guest::GuestRun, tag: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmctl_in_a_guest_reaches_the_daemon_over_vsock() {
     let started = Instant::now();
-    let assets = tokio::task::spawn_blocking(GuestAssets::ensure)
-        .await
-        .expect("guest assets are made");
+    let assets = GuestAssets::ready().await;
     let assets_ready = started.elapsed();
 
     // The guest's vsock device first: the daemon's hybrid listener for the
@@ -172,9 +170,7 @@ async fn vmctl_in_a_guest_reaches_the_daemon_over_vsock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmctl_in_a_guest_without_vsock_fails_to_connect() {
     let started = Instant::now();
-    let assets = tokio::task::spawn_blocking(GuestAssets::ensure)
-        .await
-        .expect("guest assets are made");
+    let assets = GuestAssets::ready().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let server = TestServer::start().await;
     let (cert, key) =
@@ -222,9 +218,7 @@ async fn vmctl_in_a_guest_without_vsock_fails_to_connect() {
 async fn vmctl_auto_falls_back_to_tcp_in_a_guest_without_vsock() {
     const FORWARDED: &str = "10.0.2.100:9876";
     let started = Instant::now();
-    let assets = tokio::task::spawn_blocking(GuestAssets::ensure)
-        .await
-        .expect("guest assets are made");
+    let assets = GuestAssets::ready().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let server = TestServer::start().await;
     let (cert, key) =
@@ -325,9 +319,7 @@ async fn vmd_in_a_guest_binds_identities_to_kernel_reported_cids() {
     const BOUND_CID: u32 = 5;
     const OTHER_CID: u32 = 6;
     let started = Instant::now();
-    let assets = tokio::task::spawn_blocking(GuestAssets::ensure)
-        .await
-        .expect("guest assets are made");
+    let assets = GuestAssets::ready().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let pki = vmd_tests::TestPki::new();
     let server_tls = pki.server_paths();

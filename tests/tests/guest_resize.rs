@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -124,34 +123,10 @@ fn kib(values: &HashMap<String, String>, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no numeric {key} in {values:?}"))
 }
 
-async fn vmctl(server: &TestServer, args: &[&str]) -> Output {
-    let mut all = server.vmctl_args("admin");
-    all.extend(args.iter().map(|a| (*a).to_owned()));
-    tokio::process::Command::new(vmd_tests::vmctl())
-        .args(all)
-        .env("HOME", "/nonexistent")
-        .output()
-        .await
-        .expect("vmctl runs")
-}
-
-async fn vmctl_ok(server: &TestServer, args: &[&str]) -> String {
-    let out = vmctl(server, args).await;
-    assert!(
-        out.status.success(),
-        "vmctl {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resize_is_seen_by_the_guest_kernel() {
     let started = Instant::now();
-    let assets = tokio::task::spawn_blocking(GuestAssets::ensure)
-        .await
-        .expect("guest assets are made");
+    let assets = GuestAssets::ready().await;
     let guest_dir = tempfile::tempdir().expect("temporary directory");
     std::fs::copy(&assets.kernel, guest_dir.path().join("vmlinux")).expect("copy the kernel");
     Initramfs::new(&assets)
@@ -199,13 +174,17 @@ async fn a_resize_is_seen_by_the_guest_kernel() {
     })
     .await;
 
-    vmctl_ok(&server, &["start", VM, "--wait"]).await;
+    server.vmctl_ok(&["start", VM, "--wait"]).await;
     let console = host.state_dir().join(VM).join("console.log");
     let before = wait_for_reading(&console, "VMD-BEFORE", started).await;
     let booted = started.elapsed();
 
-    vmctl_ok(&server, &["resize", VM, "--vcpus", "2", "--wait"]).await;
-    vmctl_ok(&server, &["resize", VM, "--memory", "384M", "--wait"]).await;
+    server
+        .vmctl_ok(&["resize", VM, "--vcpus", "2", "--wait"])
+        .await;
+    server
+        .vmctl_ok(&["resize", VM, "--memory", "384M", "--wait"])
+        .await;
     let after = wait_for_reading(&console, "VMD-AFTER", started).await;
     println!("guest before resize: {before:?}");
     println!("guest after resize:  {after:?}");
@@ -227,7 +206,7 @@ async fn a_resize_is_seen_by_the_guest_kernel() {
     // guest driver reports it), and two vCPUs run.
     let deadline = Instant::now() + Duration::from_secs(30);
     let info = loop {
-        let info: Value = serde_json::from_str(&vmctl_ok(&server, &["info", VM, "--json"]).await)
+        let info: Value = serde_json::from_str(&server.vmctl_ok(&["info", VM, "--json"]).await)
             .expect("info is JSON");
         if info["memory"]["balloon_actual"] == 384 << 20 || Instant::now() > deadline {
             break info;
@@ -241,7 +220,7 @@ async fn a_resize_is_seen_by_the_guest_kernel() {
         info["vcpus"]["current"], info["memory"]["balloon_actual"]
     );
 
-    vmctl_ok(&server, &["stop", VM, "--wait"]).await;
+    server.vmctl_ok(&["stop", VM, "--wait"]).await;
     let state = container
         .systemctl(&[
             "show",

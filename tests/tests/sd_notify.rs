@@ -4,13 +4,12 @@
 //! SIGHUP is bracketed by `RELOADING=1` and `READY=1`; SIGTERM sends
 //! `STOPPING=1`.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::net::{TcpStream, UnixDatagram};
 use tokio::process::{Child, Command};
-use vmd_client::{Client, ClientTls, Endpoint};
+use vmd_client::{Client, Endpoint};
 
 /// Longest wait for one notification or for the daemon to stop.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -38,17 +37,6 @@ fn signal(child: &Child, name: &str) {
         .status()
         .expect("kill runs");
     assert!(status.success(), "kill -{name} {pid}");
-}
-
-fn dev_client(dev_dir: &Path) -> ClientTls {
-    let pki = dev_dir.join("pki");
-    ClientTls::from_files(
-        &pki.join("ca.pem"),
-        &pki.join("clients/dev-admin.pem"),
-        &pki.join("clients/dev-admin.key"),
-        vmd_proto::SERVER_NAME,
-    )
-    .expect("dev PKI was created")
 }
 
 #[tokio::test]
@@ -84,7 +72,7 @@ async fn ready_only_after_listening_then_reloading_and_stopping() {
         host: "127.0.0.1".into(),
         port,
     };
-    let client = Client::connect(&endpoint, &dev_client(&dir.path().join("dev")))
+    let client = Client::connect(&endpoint, &vmd_tests::dev_client(&dir.path().join("dev")))
         .await
         .expect("a full mTLS session right after READY=1");
     client.host().await.expect("host reply");
