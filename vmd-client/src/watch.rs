@@ -250,6 +250,13 @@ mod tests {
             cpu_time_ns: None,
             tasks: None,
             pending: None,
+            unit: None,
+            run_state: None,
+            live: vmd_proto::LiveFacts::default(),
+            last_exit: None,
+            restarts: None,
+            restart_needed: None,
+            resources: vmd_proto::Resources::default(),
         }
     }
 

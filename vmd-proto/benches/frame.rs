@@ -10,8 +10,9 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use vmd_proto::frame::{HEADER_LEN, MAX_REPLY_FRAME, MAX_REQUEST_FRAME, decode, encode};
 use vmd_proto::{
-    Bytes, Cid, CpuInfo, HostInfo, Hypervisor, KvmCapability, KvmInfo, MemoryCounts, MemoryInfo,
-    Op, Reply, Request, Response, VcpuCounts, VirtFlag, Virtualization, VmInfo, VmName, VmState,
+    Bytes, Cid, CpuInfo, CpuTimes, HostInfo, Hypervisor, KvmCapability, KvmInfo, LiveFacts,
+    LiveSource, MemoryCounts, MemoryInfo, Op, Reply, Request, Resources, Response, UnitInfo,
+    VcpuCounts, VirtFlag, Virtualization, VmInfo, VmName, VmState,
 };
 
 fn host() -> HostInfo {
@@ -30,6 +31,7 @@ fn host() -> HostInfo {
         memory: MemoryInfo {
             total: Bytes::mib(32 * 1024),
             available: Bytes::mib(20 * 1024),
+            in_use: Bytes::mib(12 * 1024),
         },
         virtualization: Virtualization::Available(KvmInfo {
             api_version: 12,
@@ -43,6 +45,13 @@ fn host() -> HostInfo {
                     supported: true,
                 })
                 .collect(),
+        }),
+        load_milli: [1_250, 900, 700],
+        cpu_times: Some(CpuTimes {
+            user_ms: 3_600_000,
+            system_ms: 900_000,
+            idle_ms: 80_000_000,
+            steal_ms: 0,
         }),
     }
 }
@@ -74,6 +83,23 @@ fn vm(i: usize) -> VmInfo {
         cpu_time_ns: Some(123_456_789_000),
         tasks: Some(9),
         pending: None,
+        unit: Some(UnitInfo {
+            name: format!("microvm@app-vm-{i}.service"),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            freezer_state: Some("running".into()),
+            age_ms: Some(40_000),
+        }),
+        run_state: Some("running".into()),
+        live: LiveFacts {
+            source: LiveSource::Monitor,
+            age_ms: Some(40_000),
+            note: None,
+        },
+        last_exit: None,
+        restarts: Some(0),
+        restart_needed: Some(false),
+        resources: Resources::default(),
     }
 }
 

@@ -48,14 +48,15 @@ pub mod message;
 pub mod types;
 
 pub use message::{
-    CpuInfo, ErrorReply, Hello, HelloReply, HostInfo, KvmCapability, KvmInfo, MemoryCounts,
-    MemoryInfo, Op, OperationInfo, OperationStatus, PendingOperation, Reply, Request, Response,
-    VcpuCounts, VirtFlag, Virtualization, VmInfo, WatchEvent, Welcome,
+    CpuInfo, CpuTimes, ErrorReply, Hello, HelloReply, HostInfo, KvmCapability, KvmInfo, LastExit,
+    LiveFacts, LiveSource, MemoryCounts, MemoryInfo, NetInterface, Op, OperationInfo,
+    OperationStatus, PendingOperation, Reply, Request, Resources, Response, RuntimeDevice, Share,
+    UnitInfo, VcpuCounts, VirtFlag, Virtualization, VmInfo, WatchEvent, Welcome,
 };
 pub use types::{Bytes, Cid, Hypervisor, OperationId, OperationKind, Role, VmName, VmState};
 
 /// The protocol version this crate speaks. See the compatibility runbook.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The default port, for TCP and vsock alike.
 pub const DEFAULT_PORT: u16 = 9876;
@@ -176,6 +177,44 @@ mod tests {
                 kind: OperationKind::Resize,
                 since_unix_ms: 1,
             }),
+            unit: Some(UnitInfo {
+                name: "microvm@gui-vm.service".into(),
+                active_state: "active".into(),
+                sub_state: "running".into(),
+                freezer_state: Some("running".into()),
+                age_ms: Some(12),
+            }),
+            run_state: Some("running".into()),
+            live: LiveFacts {
+                source: LiveSource::Monitor,
+                age_ms: Some(3),
+                note: None,
+            },
+            last_exit: Some(LastExit {
+                result: "signal".into(),
+                exit_status: None,
+                signal: Some(9),
+                at_unix_ms: Some(5),
+            }),
+            restarts: Some(1),
+            restart_needed: Some(false),
+            resources: Resources {
+                interfaces: vec![NetInterface {
+                    name: "vm-gui".into(),
+                    kind: "tap".into(),
+                    mac: Some("02:00:00:00:00:01".into()),
+                }],
+                shares: vec![Share {
+                    tag: "ro-store".into(),
+                    source: "/nix/store".into(),
+                }],
+                pci_devices: vec!["0000:00:02.0".into()],
+                usb_devices: vec![],
+                runtime_devices: Some(vec![RuntimeDevice {
+                    id: "balloon0".into(),
+                    driver: "virtio-balloon-pci".into(),
+                }]),
+            },
         }
     }
 
@@ -195,6 +234,7 @@ mod tests {
             memory: MemoryInfo {
                 total: Bytes::mib(24 * 1024),
                 available: Bytes::mib(20 * 1024),
+                in_use: Bytes::mib(4 * 1024),
             },
             virtualization: Virtualization::Available(KvmInfo {
                 api_version: 12,
@@ -205,6 +245,13 @@ mod tests {
                     name: "irqfd".into(),
                     supported: true,
                 }],
+            }),
+            load_milli: [250, 120, 50],
+            cpu_times: Some(CpuTimes {
+                user_ms: 1000,
+                system_ms: 500,
+                idle_ms: 90_000,
+                steal_ms: 3,
             }),
         }
     }

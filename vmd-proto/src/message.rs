@@ -302,6 +302,24 @@ pub struct HostInfo {
     pub memory: MemoryInfo,
     /// Whether VMs can run here, and what KVM offers.
     pub virtualization: Virtualization,
+    /// Load average over 1, 5 and 15 minutes, in thousandths.
+    pub load_milli: [u32; 3],
+    /// Time all CPUs spent in each mode since boot (`/proc/stat`): the
+    /// difference of two reads gives the host's CPU use between them.
+    pub cpu_times: Option<CpuTimes>,
+}
+
+/// Cumulative CPU time by mode, in milliseconds, summed over all CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuTimes {
+    /// User mode (including `nice`).
+    pub user_ms: u64,
+    /// Kernel mode (including interrupts).
+    pub system_ms: u64,
+    /// Idle (including I/O wait).
+    pub idle_ms: u64,
+    /// Taken by the hypervisor this host runs under.
+    pub steal_ms: u64,
 }
 
 /// The host CPU.
@@ -333,6 +351,8 @@ pub struct MemoryInfo {
     pub total: Bytes,
     /// `MemAvailable`.
     pub available: Bytes,
+    /// In use: `MemTotal - MemAvailable`.
+    pub in_use: Bytes,
 }
 
 /// Whether this host can run VMs.
@@ -372,7 +392,8 @@ pub struct KvmCapability {
 }
 
 /// What the host knows of one VM. Every `Option` is `None` when the host
-/// cannot know the value right now; values are never invented.
+/// cannot know the value right now; values are never invented. The fields
+/// after `pending` (protocol 2) default when absent from JSON.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
     /// The VM's name.
@@ -405,6 +426,135 @@ pub struct VmInfo {
     pub tasks: Option<u64>,
     /// The change in progress, if any.
     pub pending: Option<PendingOperation>,
+    /// The unit that runs the VM and systemd's view of it.
+    #[serde(default)]
+    pub unit: Option<UnitInfo>,
+    /// The hypervisor's own run state (QMP `query-status`: `running`,
+    /// `paused`, `shutdown`, `guest-panicked`, …), while it runs.
+    #[serde(default)]
+    pub run_state: Option<String>,
+    /// Where the live facts (vCPUs, memory, balloon, run state, devices)
+    /// came from and how old they are.
+    #[serde(default)]
+    pub live: LiveFacts,
+    /// How the VM's process last ended, if vmd or systemd saw it end.
+    #[serde(default)]
+    pub last_exit: Option<LastExit>,
+    /// How often systemd restarted the unit by itself (`NRestarts`) since
+    /// it was loaded.
+    #[serde(default)]
+    pub restarts: Option<u32>,
+    /// The VM runs an older configuration than the host has installed
+    /// (microvm.nix's `booted` differs from `current`): a restart picks up
+    /// the new one. `None` where the host keeps no such record.
+    #[serde(default)]
+    pub restart_needed: Option<bool>,
+    /// Other resources the VM holds: network interfaces, shares, devices.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// The systemd unit that runs a VM, as systemd last signalled it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitInfo {
+    /// The unit's name (`microvm@gui-vm.service`).
+    pub name: String,
+    /// `ActiveState` (`active`, `activating`, `failed`, …); `not-loaded`
+    /// for a unit systemd has not loaded (it is inactive).
+    pub active_state: String,
+    /// `SubState` (`running`, `auto-restart`, `stop-sigterm`, …).
+    pub sub_state: String,
+    /// `FreezerState` (`running`, `frozen`, …), where systemd reports it.
+    pub freezer_state: Option<String>,
+    /// Milliseconds since systemd last confirmed these facts (a signal or
+    /// a read after one); `None` if it never did (the bus is down).
+    pub age_ms: Option<u64>,
+}
+
+/// Where a VM's live facts come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LiveSource {
+    /// No live facts: the VM does not run, or vmd has no way to ask.
+    #[default]
+    None,
+    /// vmd's own hypervisor monitor, held for the VM's life: facts change
+    /// with the hypervisor's events and are current.
+    Monitor,
+    /// The VM's shared control socket (microvm.nix's, also used by other
+    /// tools): facts are as old as `age_ms` says, refreshed in the
+    /// background when read.
+    SharedSocket,
+}
+
+/// Freshness of a VM's live facts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveFacts {
+    /// Where they came from.
+    pub source: LiveSource,
+    /// Milliseconds since the hypervisor last confirmed them.
+    pub age_ms: Option<u64>,
+    /// Why they may be stale or missing (`the control socket is held by
+    /// another client`), in words for a human.
+    pub note: Option<String>,
+}
+
+/// How a VM's process ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastExit {
+    /// systemd's `Result` of the unit (`success`, `exit-code`, `signal`,
+    /// `timeout`, `core-dump`, `watchdog`, …).
+    pub result: String,
+    /// The main process's exit status, if it exited.
+    pub exit_status: Option<i32>,
+    /// The signal that ended it, if one did (9 = SIGKILL).
+    pub signal: Option<i32>,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_unix_ms: Option<u64>,
+}
+
+/// Resources a VM holds besides CPU and memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Network interfaces on the host side.
+    pub interfaces: Vec<NetInterface>,
+    /// Host directories shared with the guest (virtiofs).
+    pub shares: Vec<Share>,
+    /// Host PCI devices passed through, as declared (`0000:00:02.0`).
+    pub pci_devices: Vec<String>,
+    /// Host USB devices passed through, as declared.
+    pub usb_devices: Vec<String>,
+    /// The devices the hypervisor has now, including ones attached at run
+    /// time by another client (`None` where vmd cannot ask it).
+    pub runtime_devices: Option<Vec<RuntimeDevice>>,
+}
+
+/// A host-side network interface of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// The interface's name on the host (`vm-net`, `macvtap0`).
+    pub name: String,
+    /// `tap` or `macvtap`.
+    pub kind: String,
+    /// The guest's MAC address, if declared.
+    pub mac: Option<String>,
+}
+
+/// A host directory shared with a guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// The tag the guest mounts.
+    pub tag: String,
+    /// The host directory.
+    pub source: String,
+}
+
+/// A device the hypervisor reports (QEMU: `/machine/peripheral`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeDevice {
+    /// The device's id.
+    pub id: String,
+    /// Its type (`usb-host`, `vfio-pci`, `virtio-balloon-pci`, …).
+    pub driver: String,
 }
 
 /// Declared and live vCPU counts.

@@ -250,6 +250,13 @@ pub enum VmState {
     Failed,
     /// The host cannot tell (for example the bus or control socket is down).
     Unknown,
+    /// The unit's processes are frozen by systemd (`FreezeUnit`, what
+    /// Ghaf's givc does to pause any hypervisor's VM). Paused to a human;
+    /// distinct from a hypervisor pause.
+    Frozen,
+    /// The VM's process ended and systemd restarts it after its
+    /// `RestartSec` (`auto-restart`): see `last_exit` and `restarts`.
+    Restarting,
 }
 
 impl fmt::Display for VmState {
@@ -262,6 +269,8 @@ impl fmt::Display for VmState {
             Self::Stopping => "stopping",
             Self::Failed => "failed",
             Self::Unknown => "unknown",
+            Self::Frozen => "frozen",
+            Self::Restarting => "restarting",
         })
     }
 }

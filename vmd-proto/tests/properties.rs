@@ -27,6 +27,10 @@ use vmd_proto::{
     OperationStatus, PendingOperation, Reply, Request, Response, Role, VcpuCounts, VirtFlag,
     Virtualization, VmInfo, VmName, VmState, WatchEvent, Welcome,
 };
+use vmd_proto::{
+    CpuTimes, LastExit, LiveFacts, LiveSource, NetInterface, Resources, RuntimeDevice, Share,
+    UnitInfo,
+};
 
 // ---- Strategies ------------------------------------------------------------
 
@@ -156,8 +160,108 @@ fn vm_state() -> impl Strategy<Value = VmState> {
         Just(VmState::Stopping),
         Just(VmState::Failed),
         Just(VmState::Unknown),
+        Just(VmState::Frozen),
+        Just(VmState::Restarting),
     ]
 }
+
+/// The lifecycle, freshness and resource facts of a VM.
+fn vm_extras() -> BoxedStrategy<VmExtras> {
+    let unit = proptest::option::of(
+        (
+            text(),
+            text(),
+            text(),
+            proptest::option::of(text()),
+            any::<Option<u64>>(),
+        )
+            .prop_map(
+                |(name, active_state, sub_state, freezer_state, age_ms)| UnitInfo {
+                    name,
+                    active_state,
+                    sub_state,
+                    freezer_state,
+                    age_ms,
+                },
+            )
+            .boxed(),
+    );
+    let live = (
+        prop_oneof![
+            Just(LiveSource::None),
+            Just(LiveSource::Monitor),
+            Just(LiveSource::SharedSocket)
+        ],
+        any::<Option<u64>>(),
+        proptest::option::of(text()),
+    )
+        .prop_map(|(source, age_ms, note)| LiveFacts {
+            source,
+            age_ms,
+            note,
+        });
+    let last_exit = proptest::option::of(
+        (
+            text(),
+            any::<Option<i32>>(),
+            any::<Option<i32>>(),
+            any::<Option<u64>>(),
+        )
+            .prop_map(|(result, exit_status, signal, at_unix_ms)| LastExit {
+                result,
+                exit_status,
+                signal,
+                at_unix_ms,
+            }),
+    );
+    let resources = (
+        vec(
+            (text(), text(), proptest::option::of(text()))
+                .prop_map(|(name, kind, mac)| NetInterface { name, kind, mac }),
+            0..3,
+        ),
+        vec(
+            (text(), text()).prop_map(|(tag, source)| Share { tag, source }),
+            0..3,
+        ),
+        vec(text(), 0..3),
+        vec(text(), 0..3),
+        proptest::option::of(vec(
+            (text(), text()).prop_map(|(id, driver)| RuntimeDevice { id, driver }),
+            0..3,
+        )),
+    )
+        .prop_map(
+            |(interfaces, shares, pci_devices, usb_devices, runtime_devices)| Resources {
+                interfaces,
+                shares,
+                pci_devices,
+                usb_devices,
+                runtime_devices,
+            },
+        )
+        .boxed();
+    (
+        unit,
+        proptest::option::of(text()),
+        live,
+        last_exit,
+        any::<Option<u32>>(),
+        any::<Option<bool>>(),
+        resources,
+    )
+        .boxed()
+}
+
+type VmExtras = (
+    Option<UnitInfo>,
+    Option<String>,
+    LiveFacts,
+    Option<LastExit>,
+    Option<u32>,
+    Option<bool>,
+    Resources,
+);
 
 fn pending_operation() -> impl Strategy<Value = PendingOperation> {
     (
@@ -172,7 +276,7 @@ fn pending_operation() -> impl Strategy<Value = PendingOperation> {
         })
 }
 
-fn vm_info() -> impl Strategy<Value = VmInfo> {
+fn vm_info() -> BoxedStrategy<VmInfo> {
     let declared = (
         vm_name(),
         proptest::option::of(text()),
@@ -208,29 +312,39 @@ fn vm_info() -> impl Strategy<Value = VmInfo> {
         any::<[Option<u64>; 2]>(),
         proptest::option::of(pending_operation()),
     );
-    (declared, counts, live).prop_map(
-        |(
-            (name, description, hypervisor, state, autostart, protected, vsock_cid),
-            (vcpus, memory),
-            (pid, uptime_secs, cgroup_memory, [cpu_time_ns, tasks], pending),
-        )| VmInfo {
-            name,
-            description,
-            hypervisor,
-            state,
-            autostart,
-            protected,
-            vsock_cid,
-            vcpus,
-            memory,
-            pid,
-            uptime_secs,
-            cgroup_memory,
-            cpu_time_ns,
-            tasks,
-            pending,
-        },
-    )
+    (declared, counts, live, vm_extras())
+        .prop_map(
+            |(
+                (name, description, hypervisor, state, autostart, protected, vsock_cid),
+                (vcpus, memory),
+                (pid, uptime_secs, cgroup_memory, [cpu_time_ns, tasks], pending),
+                (unit, run_state, live, last_exit, restarts, restart_needed, resources),
+            )| VmInfo {
+                name,
+                description,
+                hypervisor,
+                state,
+                autostart,
+                protected,
+                vsock_cid,
+                vcpus,
+                memory,
+                pid,
+                uptime_secs,
+                cgroup_memory,
+                cpu_time_ns,
+                tasks,
+                pending,
+                unit,
+                run_state,
+                live,
+                last_exit,
+                restarts,
+                restart_needed,
+                resources,
+            },
+        )
+        .boxed()
 }
 
 fn host_info() -> impl Strategy<Value = HostInfo> {
@@ -271,8 +385,21 @@ fn host_info() -> impl Strategy<Value = HostInfo> {
         [text(), text(), text()],
         any::<[u64; 2]>(),
         cpu,
-        (bytes(), bytes()).prop_map(|(total, available)| MemoryInfo { total, available }),
+        (bytes(), bytes(), bytes()).prop_map(|(total, available, in_use)| MemoryInfo {
+            total,
+            available,
+            in_use,
+        }),
         virtualization,
+        any::<[u32; 3]>(),
+        proptest::option::of(any::<[u64; 4]>().prop_map(
+            |[user_ms, system_ms, idle_ms, steal_ms]| CpuTimes {
+                user_ms,
+                system_ms,
+                idle_ms,
+                steal_ms,
+            },
+        )),
     )
         .prop_map(
             |(
@@ -281,8 +408,12 @@ fn host_info() -> impl Strategy<Value = HostInfo> {
                 cpu,
                 memory,
                 virtualization,
+                load_milli,
+                cpu_times,
             )| {
                 HostInfo {
+                    load_milli,
+                    cpu_times,
                     hostname,
                     kernel,
                     vmd_version,

@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Cap, Kvm};
 use tracing::debug;
 use vmd_proto::{
-    Bytes, CpuInfo, HostInfo, KvmCapability, KvmInfo, MemoryInfo, VirtFlag, Virtualization,
+    Bytes, CpuInfo, CpuTimes, HostInfo, KvmCapability, KvmInfo, MemoryInfo, VirtFlag,
+    Virtualization,
 };
 
 /// The only KVM API version Linux has shipped since 2.6.22.
@@ -181,6 +182,10 @@ impl HostProbe {
             },
             memory: self.read_memory(),
             virtualization: self.virtualization(),
+            load_milli: read_text(&self.proc_root.join("loadavg"))
+                .and_then(|text| parse_loadavg(&text))
+                .unwrap_or_default(),
+            cpu_times: read_text(&self.proc_root.join("stat")).and_then(|text| parse_stat(&text)),
         }
     }
 
@@ -237,9 +242,12 @@ impl HostProbe {
         if mem.total.is_none() || mem.available.is_none() {
             debug!(path = %path.display(), ?mem, "meminfo lacks MemTotal or MemAvailable");
         }
+        let total = mem.total.unwrap_or(0);
+        let available = mem.available.unwrap_or(0);
         MemoryInfo {
-            total: Bytes(mem.total.unwrap_or(0)),
-            available: Bytes(mem.available.unwrap_or(0)),
+            total: Bytes(total),
+            available: Bytes(available),
+            in_use: Bytes(total.saturating_sub(available)),
         }
     }
 
@@ -425,6 +433,47 @@ fn parse_uptime(text: &str) -> Option<u64> {
         return None;
     }
     whole.parse().ok()
+}
+
+/// The three load averages of `/proc/loadavg`, in thousandths.
+fn parse_loadavg(text: &str) -> Option<[u32; 3]> {
+    let mut fields = text.split_whitespace();
+    let mut load = [0u32; 3];
+    for slot in &mut load {
+        let (whole, fraction) = fields.next()?.split_once('.')?;
+        let whole: u32 = whole.parse().ok()?;
+        // The kernel prints two decimals.
+        let hundredths: u32 = fraction.get(..2)?.parse().ok()?;
+        *slot = whole.checked_mul(1000)?.checked_add(hundredths * 10)?;
+    }
+    Some(load)
+}
+
+/// The kernel's clock ticks per second in `/proc/stat` (`USER_HZ`), which
+/// is 100 on every architecture Linux exports to user space.
+const USER_HZ: u64 = 100;
+
+/// The summed `cpu` line of `/proc/stat`: user nice system idle iowait irq
+/// softirq steal (guest time is already inside user).
+fn parse_stat(text: &str) -> Option<CpuTimes> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    let ms = |t: u64| t.saturating_mul(1000 / USER_HZ);
+    if ticks.len() < 4 {
+        return None;
+    }
+    Some(CpuTimes {
+        user_ms: ms(at(0) + at(1)),
+        system_ms: ms(at(2) + at(5) + at(6)),
+        idle_ms: ms(at(3) + at(4)),
+        steal_ms: ms(at(7)),
+    })
 }
 
 /// Counts the CPUs in a kernel CPU list (`0-3,6,8-11`).
@@ -670,6 +719,12 @@ Hugepagesize:       2048 kB
         fs::write(proc_root.join("cpuinfo"), INTEL_CPUINFO).unwrap();
         fs::write(proc_root.join("meminfo"), MEMINFO).unwrap();
         fs::write(proc_root.join("uptime"), "3600.25 7000.00\n").unwrap();
+        fs::write(proc_root.join("loadavg"), "1.25 0.50 0.07 2/321 4242\n").unwrap();
+        fs::write(
+            proc_root.join("stat"),
+            "cpu  100 20 30 4000 50 6 7 8 0 0\ncpu0 50 10 15 2000 25 3 3 4 0 0\n",
+        )
+        .unwrap();
         fs::write(proc_root.join("sys/kernel/hostname"), "ghaf-host\n").unwrap();
         fs::write(proc_root.join("sys/kernel/osrelease"), "6.12.1\n").unwrap();
         if let Some(list) = cpu_online {
@@ -712,9 +767,28 @@ Hugepagesize:       2048 kB
             MemoryInfo {
                 total: Bytes(16_318_480 * 1024),
                 available: Bytes(8_000_000 * 1024),
+                in_use: Bytes(8_318_480 * 1024),
             }
         );
         assert!(unavailable_reason(&info).contains("no-such-kvm"));
+        assert_eq!(info.load_milli, [1250, 500, 70]);
+        assert_eq!(
+            info.cpu_times,
+            Some(CpuTimes {
+                user_ms: 1200,
+                system_ms: 430,
+                idle_ms: 40_500,
+                steal_ms: 80,
+            })
+        );
+    }
+
+    #[test]
+    fn load_and_stat_malformed() {
+        assert_eq!(parse_loadavg(""), None);
+        assert_eq!(parse_loadavg("1.2x 0.1 0.1"), None);
+        assert_eq!(parse_stat("cpu0 1 2 3 4\n"), None);
+        assert_eq!(parse_stat("cpu  1 2 x 4\n"), None);
     }
 
     #[test]

@@ -783,6 +783,13 @@ pub fn vm_info(
         cpu_time_ns: running.and_then(|s| s.cpu_usage_nsec),
         tasks: running.and_then(|s| s.tasks_current),
         pending: None,
+        unit: None,
+        run_state: None,
+        live: vmd_proto::LiveFacts::default(),
+        last_exit: None,
+        restarts: None,
+        restart_needed: None,
+        resources: vmd_proto::Resources::default(),
     }
 }
 

@@ -167,9 +167,11 @@ impl View {
                 };
                 let state_style = match vm.state {
                     VmState::Running => Style::default().fg(Color::Green),
-                    VmState::Failed | VmState::Unknown => Style::default().fg(Color::Red),
+                    VmState::Failed | VmState::Unknown | VmState::Restarting => {
+                        Style::default().fg(Color::Red)
+                    }
                     VmState::Stopped => Style::default(),
-                    VmState::Paused | VmState::Starting | VmState::Stopping => {
+                    VmState::Paused | VmState::Frozen | VmState::Starting | VmState::Stopping => {
                         Style::default().fg(Color::Yellow)
                     }
                 };
