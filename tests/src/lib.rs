@@ -220,7 +220,7 @@ impl TestServer {
         // (production defaults to no rights; see the policy tests).
         config.policy.default_role = Some(vmd_proto::Role::Reader);
         // An empty inventory of its own: never this machine's VMs.
-        config.vms.inventory = vmd::inventory::InventorySource {
+        config.vms.inventory = vmd::vms::inventory::InventorySource {
             state_dir: pki.dir.path().join("microvms"),
             file: Some(pki.dir.path().join("inventory.toml")),
         };

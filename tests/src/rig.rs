@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
 use tokio::net::UnixStream;
-use vmd::inventory::InventorySource;
+use vmd::vms::inventory::InventorySource;
 use vmd::policy::{IdentityRule, Scope};
 use vmd_proto::Role;
 

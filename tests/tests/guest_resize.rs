@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmd::inventory::InventorySource;
+use vmd::vms::inventory::InventorySource;
 use vmd::policy::{IdentityRule, Scope};
 use vmd_proto::Role;
 use vmd_tests::TestServer;

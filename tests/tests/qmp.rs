@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use vmd::backend::qmp::Qmp;
-use vmd::backend::{BackendError, LiveState, RunState, VmControl};
+use vmd::drivers::qemu::Qmp;
+use vmd::drivers::{BackendError, LiveState, RunState, VmControl};
 use vmd_tests::qemu::QemuVm;
 
 const MIB: u64 = 1 << 20;

@@ -10,7 +10,7 @@ use rustls::HandshakeKind;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use vmd::config::Config;
-use vmd::inventory::InventorySource;
+use vmd::vms::inventory::InventorySource;
 use vmd::transport::ListenAddr;
 use vmd_client::ClientTls;
 use vmd_proto::codec::FrameCodec;

@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use vmd::backend::systemd::Systemd;
-use vmd::backend::{ActiveState, BackendError, UnitStatus, Units};
+use vmd::drivers::systemd::Systemd;
+use vmd::drivers::{ActiveState, BackendError, UnitStatus, Units};
 use vmd_tests::nspawn::SystemdContainer;
 
 /// A stand-in for microvm.nix's template: a long-running main process,

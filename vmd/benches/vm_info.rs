@@ -9,8 +9,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use vmd::backend::{ActiveState, LiveState, RunState, UnitStatus};
-use vmd::inventory::VmSpec;
+use vmd::drivers::{ActiveState, LiveState, RunState, UnitStatus};
+use vmd::vms::inventory::VmSpec;
 use vmd::vms::vm_info;
 use vmd_proto::frame::{MAX_REPLY_FRAME, encode};
 use vmd_proto::{Bytes, Cid, Hypervisor, Reply, Response, VmName};

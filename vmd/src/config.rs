@@ -74,8 +74,8 @@ use serde::Deserialize;
 use vmd_proto::frame::MAX_REQUEST_FRAME;
 use vmd_proto::{Role, VmName};
 
-use crate::inventory::InventorySource;
-use crate::ops::OperationLimits;
+use crate::vms::inventory::InventorySource;
+use crate::vms::ops::OperationLimits;
 use crate::policy::{Binding, IdentityRule, IpNet, Policy, Scope, Transport};
 use crate::usage::IdentityLimits;
 

@@ -21,10 +21,10 @@ use tracing::{Instrument, debug, error, info_span};
 use vmd_proto::{ErrorReply, Op, OperationId, Reply, Request, Response, Role, Virtualization};
 
 use crate::audit::{self, Outcome};
-use crate::backend::BackendError;
+use crate::drivers::BackendError;
 use crate::connection::Session;
 use crate::host::HostProbe;
-use crate::ops::Busy;
+use crate::vms::ops::Busy;
 use crate::vms::{Change, VmError, VmService};
 
 /// The longest a `WaitOperation` may wait.
@@ -56,7 +56,7 @@ pub enum HandlerError {
     },
     /// The identity holds as many watches as it may.
     #[error(transparent)]
-    Watchers(crate::watch::TooManyWatchers),
+    Watchers(crate::vms::watch::TooManyWatchers),
     /// The client's role does not allow this request.
     #[error("role {have} may not {op} (needs {need})")]
     Forbidden {
@@ -342,7 +342,7 @@ mod tests {
     use vmd_proto::{OperationId, VmName};
 
     use super::*;
-    use crate::backend::ActiveState;
+    use crate::drivers::ActiveState;
     use crate::policy::{Grant, Scope};
     use crate::tls::PeerIdentity;
     use crate::transport::PeerAddr;

@@ -6,8 +6,13 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the `vmd` command line; flags override the config file.
-//! - [`config`]: the TOML config file, validation, defaults.
+//! A request flows socket → server modules → [`vms`] (reads answer from
+//! the live model; changes become operations) → [`drivers`]; events flow
+//! the other way, [`drivers`] → [`vms::model`] → pending watches. Nothing
+//! in [`drivers`] knows about clients, and nothing in the server modules
+//! knows about QMP or D-Bus.
+//!
+//! Serving clients:
 //! - [`server`]: binds listeners, accept loops, connection cap, shutdown.
 //! - [`transport`]: TCP and AF_VSOCK listeners behind one trait; peers.
 //! - [`tls`]: the rustls server config and peer identity from certificates.
@@ -15,11 +20,26 @@
 //! - [`handler`]: the routing `match` from request to answer; error mapping.
 //! - [`policy`]: identities, roles, scopes, transport and vsock binding.
 //! - [`audit`]: the audit log of changes and denials.
-//! - [`inventory`]: the VMs the host declares (microvm.nix, inventory file).
-//! - [`vms`]: VM facts and changes over the backends.
-//! - [`ops`]: operations, busy semantics, waiting.
 //! - [`usage`]: per-identity connection cap and request rate.
-//! - [`backend`]: systemd over D-Bus and QEMU QMP behind small traits.
+//!
+//! The VMs ([`vms`]):
+//! - [`vms::inventory`]: the VMs the host declares (microvm.nix, inventory file).
+//! - [`vms::model`]: the live record of every declared VM and its generation.
+//! - [`vms::follow`]: keeps the model current from systemd's signals and
+//!   vmd's own hypervisor monitors.
+//! - [`vms::change`]: changes: validation against the model, running them.
+//! - [`vms::ops`]: operations, busy semantics, waiting.
+//! - [`vms::watch`]: change generations, what `Watch` waits on.
+//!
+//! Where facts come from and changes go ([`drivers`]):
+//! - [`drivers::systemd`]: units over D-Bus: state, signals, jobs, freeze.
+//! - [`drivers::qemu`]: QMP: vmd's own monitor, short sessions on the
+//!   shared socket, vCPU hot-plug, balloon.
+//! - [`drivers::cgroup`]: CPU time and memory use, read on request.
+//!
+//! The rest:
+//! - [`cli`]: the `vmd` command line; flags override the config file.
+//! - [`config`]: the TOML config file, validation, defaults.
 //! - [`host`]: the host probe (KVM via `kvm-ioctls`, `/proc`).
 //! - [`pki`]: the CA and certificates (`vmd pki …`), rcgen.
 //! - [`logging`]: `tracing` output, plain or JSON.
@@ -43,16 +63,14 @@ macro_rules! say {
 }
 
 pub mod audit;
-pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod drivers;
 pub mod handler;
 pub mod host;
-pub mod inventory;
 pub mod logging;
 pub mod notify;
-pub mod ops;
 pub mod pki;
 pub mod policy;
 pub mod server;
@@ -61,7 +79,6 @@ pub mod tls;
 pub mod transport;
 pub mod usage;
 pub mod vms;
-pub mod watch;
 
 pub use config::Config;
 pub use server::{Server, ServerError, ServerHandle, run};

@@ -22,13 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::backend::qmp::Qmp;
-use crate::backend::systemd::Systemd;
+use crate::drivers::qemu::Qmp;
+use crate::drivers::systemd::Systemd;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext, Reloadable};
 use crate::handler::Handler;
 use crate::host::HostProbe;
-use crate::ops::Operations;
+use crate::vms::ops::Operations;
 use crate::slots::Slots;
 use crate::tls::{self, TlsError};
 use crate::transport::{self, ListenAddr, Listener};

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixStream;
-use vmd::inventory::InventorySource;
+use vmd::vms::inventory::InventorySource;
 use vmd_tests::TestServer;
 use vmd_tests::microvm::{CONTAINER_STOP_SCRIPT, DeclaredVm, MicrovmHost};
 use vmd_tests::nspawn::SystemdContainer;

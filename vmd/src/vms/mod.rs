@@ -1,7 +1,7 @@
 //! VMs: what the host declares, their live state, and changes to them.
 //!
 //! Reads (`list`, `get`):
-//! 1. The inventory is read (see [`crate::inventory`]).
+//! 1. The inventory is read (see [`crate::vms::inventory`]).
 //! 2. For each VM, concurrently: the unit's state and accounting from
 //!    systemd, whether `microvms.target` wants it, and the hypervisor's
 //!    live facts over its control socket (only used while the unit runs).
@@ -21,6 +21,10 @@
 //! 4. The change runs in its own task with a deadline; the request returns
 //!    the accepted operation immediately.
 
+pub mod inventory;
+pub mod ops;
+pub mod watch;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,13 +38,13 @@ use vmd_proto::{
 };
 
 use crate::audit;
-use crate::backend::{
+use crate::drivers::{
     ActiveState, BackendError, LiveState, RunState, UnitStatus, Units, VmControl,
 };
-use crate::inventory::{AUTOSTART_TARGET, InventoryError, InventorySource, VmSpec};
-use crate::ops::{Busy, Operations};
+use crate::vms::inventory::{AUTOSTART_TARGET, InventoryError, InventorySource, VmSpec};
+use crate::vms::ops::{Busy, Operations};
 use crate::policy::Scope;
-use crate::watch::{Changed, Changes};
+use crate::vms::watch::{Changed, Changes};
 
 /// The smallest memory a resize may ask for.
 pub const MIN_MEMORY: Bytes = Bytes::mib(128);
@@ -169,7 +173,7 @@ impl VmService {
         control.set_event_sink({
             let changes = Arc::clone(&changes);
             let inventory = inventory.clone();
-            crate::backend::EventSink::new(move |socket: &std::path::Path, event: &str| {
+            crate::drivers::EventSink::new(move |socket: &std::path::Path, event: &str| {
                 let Ok(specs) = inventory.load() else {
                     return;
                 };
@@ -803,8 +807,8 @@ pub(crate) mod tests {
     use futures_util::future::BoxFuture;
 
     use super::*;
-    use crate::backend::fake::{FakeControl, FakeUnits};
-    use crate::ops::OperationLimits;
+    use crate::drivers::fake::{FakeControl, FakeUnits};
+    use crate::vms::ops::OperationLimits;
 
     /// A host with three declared VMs: `app-vm` (QEMU, stopped),
     /// `admin-vm` (protected, running) and `chv` (cloud-hypervisor).
@@ -1219,7 +1223,7 @@ pub(crate) mod tests {
         fn events<'a>(
             &'a self,
             units: &'a [String],
-        ) -> BoxFuture<'a, Result<crate::backend::UnitEvents, BackendError>> {
+        ) -> BoxFuture<'a, Result<crate::drivers::UnitEvents, BackendError>> {
             self.0.events(units)
         }
     }
@@ -1284,7 +1288,7 @@ pub(crate) mod tests {
         sink.report(&f.dir.path().join("elsewhere.sock"), "STOP");
         assert_eq!(
             f.service.changes().since(start).1,
-            crate::watch::Changed::Some(vec![VmName::new("app-vm").expect("valid")])
+            crate::vms::watch::Changed::Some(vec![VmName::new("app-vm").expect("valid")])
         );
     }
 }

@@ -15,7 +15,7 @@
 
 #[cfg(any(test, feature = "test-backends"))]
 pub mod fake;
-pub mod qmp;
+pub mod qemu;
 pub mod systemd;
 
 use std::path::Path;
