@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
 use tokio::net::UnixStream;
-use vmd::vms::inventory::InventorySource;
 use vmd::policy::{IdentityRule, Scope};
+use vmd::vms::inventory::InventorySource;
 use vmd_proto::Role;
 
 use crate::TestServer;

@@ -22,8 +22,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmd::vms::inventory::InventorySource;
 use vmd::policy::{IdentityRule, Scope};
+use vmd::vms::inventory::InventorySource;
 use vmd_proto::Role;
 use vmd_tests::TestServer;
 use vmd_tests::guest::{GuestAssets, Initramfs, KERNEL_APPEND, processes_using};

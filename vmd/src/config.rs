@@ -74,10 +74,10 @@ use serde::Deserialize;
 use vmd_proto::frame::MAX_REQUEST_FRAME;
 use vmd_proto::{Role, VmName};
 
-use crate::vms::inventory::InventorySource;
-use crate::vms::ops::OperationLimits;
 use crate::policy::{Binding, IdentityRule, IpNet, Policy, Scope, Transport};
 use crate::usage::IdentityLimits;
+use crate::vms::inventory::InventorySource;
+use crate::vms::ops::OperationLimits;
 
 /// Where the config file is read from when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmd/vmd.toml";
@@ -153,6 +153,9 @@ pub struct VmsFile {
     pub systemd_bus: Option<String>,
     /// Bound on one control-socket session, in seconds.
     pub qmp_timeout_secs: Option<u64>,
+    /// The unified cgroup hierarchy's mount point, where units' CPU and
+    /// memory use is read (default: found at start).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// `[policy]`
@@ -358,6 +361,9 @@ pub struct VmsConfig {
     pub systemd_bus: Option<String>,
     /// Bound on one control-socket session.
     pub qmp_timeout: Duration,
+    /// The unified cgroup hierarchy; `None` finds it at start
+    /// (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a hybrid host).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Default for VmsConfig {
@@ -367,6 +373,7 @@ impl Default for VmsConfig {
             operations: OperationLimits::default(),
             systemd_bus: None,
             qmp_timeout: Duration::from_secs(5),
+            cgroup_root: None,
         }
     }
 }
@@ -637,6 +644,7 @@ impl Config {
                 v.qmp_timeout_secs,
                 defaults.vms.qmp_timeout,
             )?,
+            cgroup_root: v.cgroup_root,
         };
         let policy = policy_from_file(file.policy)?;
         let hybrid = &file.listen.hybrid_vsock;
