@@ -703,13 +703,13 @@ fn policy_from_file(file: PolicyFile) -> Result<Policy, ConfigError> {
                 format!("{} is listed twice", id.name),
             ));
         }
-        if let Some(pin) = &id.spki_sha256 {
-            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid(
-                    "policy.identity.spki_sha256",
-                    format!("{}: expected 64 hex digits (see `vmd pki show`)", id.name),
-                ));
-            }
+        if let Some(pin) = &id.spki_sha256
+            && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(invalid(
+                "policy.identity.spki_sha256",
+                format!("{}: expected 64 hex digits (see `vmd pki show`)", id.name),
+            ));
         }
         let binding = match (id.bind_vm, id.bind_cid) {
             (Some(_), Some(_)) => {
