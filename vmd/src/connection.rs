@@ -13,7 +13,8 @@
 //!    a policy refusal or a limit (the identity's connection cap, no
 //!    session slot: see `slots`) gets an error reply, then the connection
 //!    closes. An identity without a role gets its `Welcome` (role none)
-//!    and the connection closes: it could only be refused.
+//!    and the connection closes: it could only be refused. The identity
+//!    is penalized as in step 5, so a reconnecting loop is held.
 //! 4. Requests are read and handled concurrently (pipelining), at most
 //!    `max_in_flight` at a time; responses go out as they finish, each
 //!    carrying its request id. Responses that finish together are written
@@ -281,6 +282,8 @@ async fn serve_inner<S>(
             if answer_hello(&mut framed, Ok(welcome(&session, &hello)), &limits).await {
                 close(&mut framed, limits.write_timeout).await;
             }
+            // Coming back at once could only be closed again: held instead.
+            ctx.usage.penalize(&session.identity.name);
             return;
         };
         if let Err(full) = handshake.become_session(role) {

@@ -6,7 +6,8 @@
 //!    request. Buckets refill lazily from the time elapsed when a token is
 //!    taken: no timer runs, so an idle daemon does no work.
 //! 3. [`Usage::penalize`]: an identity whose connection was closed for
-//!    spending its refusal budget is *penalized* for [`PENALTY`]: its new
+//!    spending its refusal budget, or for having no role at all, is
+//!    *penalized* for [`PENALTY`]: its new
 //!    connections in that time are held until their handshake deadline and
 //!    then refused (see `connection`), so reconnecting to refuse again
 //!    costs the client that wait, and the host one handshake per held
