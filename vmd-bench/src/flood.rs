@@ -11,10 +11,11 @@
 //!      operation), refilled likewise;
 //!    - `rightless`: the identity has no role, so each session ends at
 //!      `Welcome`; the flooder just reconnects.
-//! 3. During the flood the good client measures again, and vmd's CPU time
-//!    (`--server-pid`) and the growth of its log file (`--log`) are taken
-//!    over the window. Connections vmd refuses or holds (a penalized
-//!    identity, see vmd's `usage`) count as `refused`.
+//! 3. Half a second into the flood, vmd's CPU time (`--server-pid`) and
+//!    the growth of its log file (`--log`) are taken over one window of
+//!    the flood alone; then the good client measures again during the
+//!    flood. Connections vmd refuses or holds (a penalized identity, see
+//!    vmd's `usage`) count as `refused`.
 //!
 //! Everything stays on the target address (loopback in `scripts/bench`)
 //! and ends after the duration; a flooder's step is bounded by the
@@ -186,7 +187,8 @@ pub(crate) async fn flood(target: &Target, plan: FloodPlan) -> Result<Report, Lo
         counts.sessions.load(Ordering::Relaxed),
         counts.refused.load(Ordering::Relaxed),
     );
-    let flooded = good_p50(target, plan.duration).await;
+    // Window B: the flood alone, for vmd's CPU and log growth.
+    tokio::time::sleep(plan.duration).await;
     let elapsed = began.elapsed().as_secs_f64();
     let cpu = cpu_before.and_then(CpuClock::elapsed);
     let log_after = log_size();
@@ -194,6 +196,8 @@ pub(crate) async fn flood(target: &Target, plan: FloodPlan) -> Result<Report, Lo
     let answers = per_s(counts.answers.load(Ordering::Relaxed), answers_before);
     let sessions = per_s(counts.sessions.load(Ordering::Relaxed), sessions_before);
     let refused = per_s(counts.refused.load(Ordering::Relaxed), refused_before);
+    // Window C: the good client during the flood.
+    let flooded = good_p50(target, plan.duration).await;
     stop.store(true, Ordering::Relaxed);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -210,6 +214,9 @@ pub(crate) async fn flood(target: &Target, plan: FloodPlan) -> Result<Report, Lo
         .float("refusals_answered_per_s", answers, 1)
         .float("sessions_per_s", sessions, 1)
         .float("refused_or_held_per_s", refused, 1)
+        .set("refusals_total", counts.answers.load(Ordering::Relaxed))
+        .set("sessions_total", counts.sessions.load(Ordering::Relaxed))
+        .set("refused_or_held_total", counts.refused.load(Ordering::Relaxed))
         .float("good_p50_us_unloaded", unloaded, 1);
     report = match flooded {
         Ok(p50) => report.float("good_p50_us_flood", p50, 1),
