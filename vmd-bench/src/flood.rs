@@ -216,7 +216,10 @@ pub(crate) async fn flood(target: &Target, plan: FloodPlan) -> Result<Report, Lo
         .float("refused_or_held_per_s", refused, 1)
         .set("refusals_total", counts.answers.load(Ordering::Relaxed))
         .set("sessions_total", counts.sessions.load(Ordering::Relaxed))
-        .set("refused_or_held_total", counts.refused.load(Ordering::Relaxed))
+        .set(
+            "refused_or_held_total",
+            counts.refused.load(Ordering::Relaxed),
+        )
         .float("good_p50_us_unloaded", unloaded, 1);
     report = match flooded {
         Ok(p50) => report.float("good_p50_us_flood", p50, 1),
