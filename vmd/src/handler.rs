@@ -140,28 +140,43 @@ impl From<Busy> for ErrorReply {
 }
 
 impl From<BackendError> for ErrorReply {
+    /// Backend errors carry addresses, paths and the OS's words: they are
+    /// logged here and the client gets a stable reason without them.
     fn from(err: BackendError) -> Self {
-        match err {
-            e @ (BackendError::Unavailable(_) | BackendError::SocketBusy(_)) => {
+        let stable = |reason: &str| {
+            error!(error = %err, reason, "backend error");
+            reason.to_owned()
+        };
+        match &err {
+            BackendError::Unavailable(what) if what.starts_with("systemd") => {
                 ErrorReply::Unavailable {
-                    reason: e.to_string(),
+                    reason: stable("systemd is unavailable"),
                 }
             }
+            BackendError::Unavailable(_) => ErrorReply::Unavailable {
+                reason: stable("the VM's control socket is unavailable"),
+            },
+            BackendError::SocketBusy(_) => ErrorReply::Unavailable {
+                reason: stable("the VM's control socket is busy with another client"),
+            },
             BackendError::NoSuchUnit(unit) => ErrorReply::NotFound {
                 what: format!("unit {unit}"),
             },
-            BackendError::Timeout(_) => ErrorReply::Timeout,
-            e @ (BackendError::JobFailed { .. }
-            | BackendError::Command { .. }
-            | BackendError::Unclean { .. }) => ErrorReply::Failed {
-                reason: e.to_string(),
-            },
-            BackendError::Protocol(detail) => {
-                error!(%detail, "backend protocol error");
-                ErrorReply::Unavailable {
-                    reason: "a backend answered something unexpected".into(),
-                }
+            BackendError::Timeout(_) => {
+                stable("timed out");
+                ErrorReply::Timeout
             }
+            BackendError::JobFailed { .. } | BackendError::Unclean { .. } => ErrorReply::Failed {
+                reason: err.to_string(),
+            },
+            BackendError::Command { command, .. } => ErrorReply::Failed {
+                reason: stable(&format!(
+                    "{command} was refused (the reason is in vmd's log)"
+                )),
+            },
+            BackendError::Protocol(_) => ErrorReply::Unavailable {
+                reason: stable("a backend answered something unexpected"),
+            },
         }
     }
 }
@@ -722,6 +737,20 @@ mod tests {
     fn backend_details_do_not_leak() {
         let wire = ErrorReply::from(BackendError::Protocol("secret path /x".into()));
         assert!(matches!(wire, ErrorReply::Unavailable { reason } if !reason.contains("/x")));
+        for err in [
+            BackendError::Unavailable(
+                "systemd (D-Bus at unix:path=/run/x/no-such-bus: No such file or directory (os error 2))".into(),
+            ),
+            BackendError::Unavailable("control socket /var/lib/microvms/a/vmd-qmp.sock".into()),
+            BackendError::SocketBusy("QMP /var/lib/microvms/a/a.sock".into()),
+            BackendError::Command {
+                command: "device_add".into(),
+                description: "Could not open '/dev/vfio/7'".into(),
+            },
+        ] {
+            let wire = ErrorReply::from(err).to_string();
+            assert!(!wire.contains('/') && !wire.contains("os error"), "{wire}");
+        }
         assert_eq!(
             ErrorReply::from(BackendError::Timeout("unit".into())),
             ErrorReply::Timeout

@@ -108,10 +108,10 @@ fn parse_args() -> Args {
 async fn wait_for_qmp(socket: &Path) {
     let ready = async {
         loop {
-            if let Ok(stream) = UnixStream::connect(socket).await {
-                if let Ok(Some(_)) = BufReader::new(stream).lines().next_line().await {
-                    return;
-                }
+            if let Ok(stream) = UnixStream::connect(socket).await
+                && let Ok(Some(_)) = BufReader::new(stream).lines().next_line().await
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

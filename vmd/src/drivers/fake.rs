@@ -260,7 +260,7 @@ impl VmControl for FakeControl {
         &'a self,
         socket: &'a Path,
         events: LiveEvents,
-    ) -> BoxFuture<'a, Result<(Arc<dyn Control>, LiveState), BackendError>> {
+    ) -> BoxFuture<'a, Result<super::Attach, BackendError>> {
         Box::pin(async move {
             self.calls
                 .lock()

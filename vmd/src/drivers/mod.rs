@@ -363,6 +363,10 @@ pub trait Control: Send + Sync + std::fmt::Debug {
     fn powerdown(&self) -> BoxFuture<'_, Result<(), BackendError>>;
 }
 
+/// What [`VmControl::attach`] gives: the monitor and the live facts at
+/// attach.
+pub type Attach = (std::sync::Arc<dyn Control>, LiveState);
+
 /// The hypervisor's control sockets.
 pub trait VmControl: Send + Sync + std::fmt::Debug {
     /// Attaches vmd's own monitor at `socket` (a socket no one else uses)
@@ -373,7 +377,7 @@ pub trait VmControl: Send + Sync + std::fmt::Debug {
         &'a self,
         socket: &'a Path,
         events: LiveEvents,
-    ) -> BoxFuture<'a, Result<(std::sync::Arc<dyn Control>, LiveState), BackendError>>;
+    ) -> BoxFuture<'a, Result<Attach, BackendError>>;
 
     /// Opens a session on the VM's shared control socket, which serves
     /// one client at a time: [`BackendError::SocketBusy`] or

@@ -207,21 +207,21 @@ impl VmService {
         match event {
             LiveEvent::RunState(state) => {
                 self.inner.model.update(name, |record| {
-                    if current(record) {
-                        if let Some(live) = &mut record.facts.live {
-                            live.run_state = Some(state);
-                            record.live_at = Some(Instant::now());
-                        }
+                    if current(record)
+                        && let Some(live) = &mut record.facts.live
+                    {
+                        live.run_state = Some(state);
+                        record.live_at = Some(Instant::now());
                     }
                 });
             }
             LiveEvent::BalloonActual(bytes) => {
                 self.inner.model.update(name, |record| {
-                    if current(record) {
-                        if let Some(live) = &mut record.facts.live {
-                            live.balloon_actual = Some(bytes);
-                            record.live_at = Some(Instant::now());
-                        }
+                    if current(record)
+                        && let Some(live) = &mut record.facts.live
+                    {
+                        live.balloon_actual = Some(bytes);
+                        record.live_at = Some(Instant::now());
                     }
                 });
             }

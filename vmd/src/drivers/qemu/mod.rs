@@ -200,7 +200,7 @@ impl VmControl for Qmp {
         &'a self,
         socket: &'a Path,
         events: LiveEvents,
-    ) -> BoxFuture<'a, Result<(Arc<dyn Control>, LiveState), BackendError>> {
+    ) -> BoxFuture<'a, Result<super::Attach, BackendError>> {
         Box::pin(async move {
             let (monitor, live) = monitor::attach(socket, events, self.timeout).await?;
             Ok((Arc::new(monitor) as Arc<dyn Control>, live))
