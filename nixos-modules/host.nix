@@ -9,7 +9,8 @@
 #    reloading vmd (SIGHUP).
 # 2. With microvm.nix on the host, every microvm without `microvm.vsock.cid`
 #    gets a deterministic CID (`assignCids`), and `vms.<name>` defaults come
-#    from the VM's own configuration.
+#    from the VM's own configuration. Combinations microvm.nix cannot run
+#    fail an assertion (or warn) here, naming the VM.
 # 3. vmd.service (Type=notify) runs as root inside a tight sandbox; see the
 #    `vmd.service` comment below for why root and which capability.
 {
@@ -120,6 +121,12 @@ let
       { };
 
   effectiveCid = name: declaredCids.${name} or assignedCids.${name} or null;
+
+  # microvm.nix's guests, by name (VMs whose configuration cannot be read
+  # are left out).
+  microvmGuests = lib.filterAttrs (_: g: g != null) (lib.mapAttrs guestOf microvmVms);
+  qemuGuests = lib.filterAttrs (_: g: g.config.microvm.hypervisor == "qemu") microvmGuests;
+  qemuMachineOf = g: g.config.microvm.qemu.machine or null;
 
   # Every CID any VM will have (microvms and VMs declared only here), by VM.
   allCids = lib.filterAttrs (_: c: c != null) (
@@ -677,14 +684,28 @@ in
       assertion = lib.length (lib.filter (o: o.vm == c.vm) (lib.attrValues boundClients)) == 1;
       message = "services.vmd.clients.${name}.vm: ${c.vm} has more than one bound client (one certificate is delivered per VM).";
     }) boundClients
+    # What microvm.nix's QEMU runner refuses to build (it throws while the
+    # host builds): said here, with the VM's name and the way out.
+    ++ lib.mapAttrsToList (name: g: {
+      assertion = !(g.config.microvm.hotplugMem > 0 && qemuMachineOf g == "microvm");
+      message = "services.vmd: microvm ${name} sets microvm.hotplugMem (virtio-mem) on QEMU's `microvm` machine type (microvm.nix's default on x86_64), which has no virtio-mem; microvm.nix cannot build its runner. Set microvm.qemu.machine = \"q35\" in it, or drop hotplugMem.";
+    }) qemuGuests
+    ++ lib.mapAttrsToList (name: g: {
+      assertion = (g.config.microvm.initialBalloonMem or 0) == 0;
+      message = "services.vmd: microvm ${name} sets microvm.initialBalloonMem, which microvm.nix's QEMU runner does not support.";
+    }) qemuGuests
     ++ lib.mapAttrsToList (name: c: {
       assertion = microvmVms ? ${c.vm} -> microvmVms.${c.vm}.config != null;
       message = "services.vmd.clients.${name}.vm: ${c.vm} is not built from `microvm.vms.${c.vm}.config`, so its certificate share cannot be added; mount ${cfg.guestShareDir}/${c.vm} in it yourself.";
     }) boundClients;
 
-    warnings = lib.mapAttrsToList (
-      name: _: "services.vmd: microvm ${name} has no vsock CID and is not declared in this configuration (flake or evaluatedConfig); set microvm.vsock.cid in it."
-    ) (lib.filterAttrs (n: s: !s.injectable && s.cid == null) cidState);
+    warnings =
+      lib.mapAttrsToList (
+        name: _: "services.vmd: microvm ${name} has no vsock CID and is not declared in this configuration (flake or evaluatedConfig); set microvm.vsock.cid in it."
+      ) (lib.filterAttrs (n: s: !s.injectable && s.cid == null) cidState)
+      ++ lib.mapAttrsToList (
+        name: g: "services.vmd: microvm ${name}: QEMU hangs with exactly 2048 MiB of memory (microvm.mem; microvm.nix issue 171): give it another size, e.g. 2047 or 2560."
+      ) (lib.filterAttrs (_: g: g.config.microvm.mem == 2048) qemuGuests);
 
     services.vmd.vms = lib.mapAttrs (
       name: vm: if guestOf name vm == null then { } else microvmDefaults name vm

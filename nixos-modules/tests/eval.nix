@@ -46,9 +46,9 @@ let
 
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
 
-  # The host of the README example: four declarative microvms (two with
-  # declared CIDs, one of them mkDefault), one from an already evaluated
-  # configuration without a CID, a GUI VM client and a remote admin.
+  # A Ghaf-like host: four declarative microvms (two with declared CIDs,
+  # one of them mkDefault), one from an already evaluated configuration
+  # without a CID, a GUI VM client and a remote admin.
   mainModule = {
     services.vmd = {
       enable = true;
@@ -86,8 +86,11 @@ let
       };
       gui-vm.config = {
         microvm.vcpu = 4;
-        microvm.mem = 2048;
-        microvm.hotplugMem = 2048;
+        # Values microvm.nix accepts: not exactly 2048 MiB on QEMU, and
+        # virtio-mem (hotplugMem) only on a machine type that has it.
+        microvm.mem = 3072;
+        microvm.hotplugMem = 1024;
+        microvm.qemu.machine = "q35";
       };
       app-vm.config = {
         microvm.hypervisor = "cloud-hypervisor";
@@ -99,7 +102,8 @@ let
   };
 
   main = evalHost { modules = [ mainModule ]; };
-  guestCid = config: name: config.microvm.vms.${name}.config.config.microvm.vsock.cid;
+  guestOf = config: name: config.microvm.vms.${name}.config.config;
+  guestCid = config: name: (guestOf config name).microvm.vsock.cid;
   guestShares = config: name: config.microvm.vms.${name}.config.config.microvm.shares;
   svc = main.systemd.services.vmd;
   sc = svc.serviceConfig;
@@ -129,6 +133,52 @@ let
       { services.vmd.vms.outside-vm.vsockCid = 100; }
     ];
   };
+  # What microvm.nix's QEMU runner refuses or warns about: virtio-mem on
+  # the default `microvm` machine type, initialBalloonMem, exactly 2048
+  # MiB (a warning; not for cloud-hypervisor).
+  unrunnable = evalHost {
+    modules = [
+      mainModule
+      {
+        microvm.vms.gui-vm.config.microvm.qemu.machine = lib.mkForce "microvm";
+        microvm.vms.hot-vm.config = {
+          microvm.hotplugMem = 512;
+          microvm.initialBalloonMem = 256;
+        };
+        microvm.vms.two-gib-vm.config.microvm.mem = 2048;
+        microvm.vms.ch-vm.config = {
+          microvm.hypervisor = "cloud-hypervisor";
+          microvm.mem = 2048;
+          microvm.hotplugMem = 512;
+        };
+      }
+    ];
+  };
+  # The README's example, nixos-modules/examples/ghaf-host/flake.nix, as it
+  # is: its `outputs` called with stub inputs (nixosSystem evaluates the
+  # modules against the stubs; microvm.nix's host module is the stub's).
+  example =
+    ((import ../examples/ghaf-host/flake.nix).outputs {
+      nixpkgs.lib = lib // {
+        nixosSystem =
+          { modules, ... }:
+          lib.evalModules {
+            modules = [
+              stubs.nixos
+              argsModule
+            ]
+            ++ modules;
+          };
+      };
+      microvm.nixosModules.host = stubs.microvmHost guestBase;
+      vmd.nixosModules = {
+        host = ../host.nix;
+        guest = ../guest.nix;
+      };
+    }).nixosConfigurations.ghaf-host.config;
+  exampleInventory = example.environment.etc."vmd/inventory.toml".source.value;
+  exampleGui = guestOf example "gui-vm";
+
   # Assignment off: no CIDs are written, undeclared VMs have none.
   noAssign = evalHost {
     modules = [
@@ -302,7 +352,7 @@ let
         hypervisor = "qemu";
         vcpus = 4;
         max_vcpus = 4;
-        memory_mib = 2048;
+        memory_mib = 3072;
         max_memory_mib = 4096;
         vsock_cid = 102;
         control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock";
@@ -340,6 +390,80 @@ let
         }
         && failedAssertions plain == [ ];
       got = plain.environment.etc."vmd/inventory.toml".source.value;
+    }
+
+    # Combinations microvm.nix cannot run.
+    {
+      name = "virtio-mem on the `microvm` machine type and initialBalloonMem on QEMU fail assertions naming the VM; not on cloud-hypervisor";
+      ok =
+        let
+          f = failedAssertions unrunnable;
+        in
+        lib.any (m: lib.hasInfix "microvm gui-vm sets microvm.hotplugMem" m) f
+        && lib.any (m: lib.hasInfix "microvm hot-vm sets microvm.hotplugMem" m) f
+        && lib.any (m: lib.hasInfix "microvm hot-vm sets microvm.initialBalloonMem" m) f
+        && !(lib.any (lib.hasInfix "ch-vm") f)
+        && lib.length f == 3;
+      got = failedAssertions unrunnable;
+    }
+    {
+      name = "exactly 2048 MiB on QEMU warns, naming the VM; not on cloud-hypervisor";
+      ok =
+        lib.any (w: lib.hasInfix "microvm two-gib-vm: QEMU hangs with exactly 2048 MiB" w) unrunnable.warnings
+        && !(lib.any (lib.hasInfix "ch-vm") unrunnable.warnings)
+        && !(lib.any (lib.hasInfix "2048 MiB") main.warnings);
+      got = unrunnable.warnings;
+    }
+
+    # The README's example, evaluated as it is.
+    {
+      name = "README example: no failed assertion, no warning";
+      ok = failedAssertions example == [ ] && example.warnings == [ ];
+      got = {
+        assertions = failedAssertions example;
+        inherit (example) warnings;
+      };
+    }
+    {
+      name = "README example: the inventory (declared and assigned CIDs, memory ceiling, sockets)";
+      ok =
+        exampleInventory.vm == {
+          gui-vm = {
+            description = "GUI VM";
+            hypervisor = "qemu";
+            vcpus = 4;
+            max_vcpus = 4;
+            memory_mib = 3072;
+            max_memory_mib = 4096;
+            vsock_cid = 100;
+            control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock";
+            protected = false;
+          };
+          net-vm = {
+            description = "network VM";
+            hypervisor = "qemu";
+            vcpus = 1;
+            max_vcpus = 1;
+            memory_mib = 512;
+            max_memory_mib = 512;
+            vsock_cid = 5;
+            control_socket = "/var/lib/microvms/net-vm/net-vm.sock";
+            protected = true;
+          };
+        };
+      got = exampleInventory.vm;
+    }
+    {
+      name = "README example: gui-vm runs q35 with its share and vmctl's client.toml";
+      ok =
+        exampleGui.microvm.qemu.machine == "q35"
+        && map (s: s.tag) exampleGui.microvm.shares == [ "vmd-tls" ]
+        && (exampleGui.environment.etc."vmd/client.toml".source.value.endpoints == [ "auto" ])
+        && map (i: i.name) example.environment.etc."vmd/vmd.toml".source.value.policy.identity == [
+          "admin-laptop"
+          "gui-vm"
+        ];
+      got = exampleGui.microvm;
     }
 
     # Rendered config.
