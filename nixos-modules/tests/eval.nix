@@ -47,8 +47,9 @@ let
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
 
   # A Ghaf-like host: four declarative microvms (two with declared CIDs,
-  # one of them mkDefault), one from an already evaluated configuration
-  # without a CID, a GUI VM client and a remote admin.
+  # one of them mkDefault; net-vm with QEMU arguments of its own, as Ghaf
+  # adds), one from an already evaluated configuration without a CID, a
+  # GUI VM client and a remote admin.
   mainModule = {
     services.vmd = {
       enable = true;
@@ -80,6 +81,10 @@ let
       net-vm.config = {
         microvm.vsock.cid = 5;
         microvm.vcpu = 2;
+        microvm.qemu.extraArgs = [
+          "-device"
+          "qemu-xhci"
+        ];
       };
       admin-vm.config = {
         microvm.vsock.cid = lib.mkDefault 101;
@@ -104,6 +109,11 @@ let
   main = evalHost { modules = [ mainModule ]; };
   guestOf = config: name: config.microvm.vms.${name}.config.config;
   guestCid = config: name: (guestOf config name).microvm.vsock.cid;
+  guestQemuArgs = config: name: (guestOf config name).microvm.qemu.extraArgs;
+  monitorArgs = name: [
+    "-qmp"
+    "unix:/var/lib/microvms/${name}/vmd-qmp.sock,server=on,wait=off"
+  ];
   guestShares = config: name: config.microvm.vms.${name}.config.config.microvm.shares;
   svc = main.systemd.services.vmd;
   sc = svc.serviceConfig;
@@ -154,6 +164,63 @@ let
       }
     ];
   };
+  # Ghaf declares its VMs' CIDs (plain definitions, some mkDefault, and
+  # `null` for no vsock at all): every one is kept, none is assigned.
+  ghafCids = evalHost {
+    modules = [
+      {
+        services.vmd.enable = true;
+        microvm.vms = {
+          gui-vm.config.microvm.vsock.cid = 100;
+          admin-vm.config.microvm.vsock.cid = lib.mkDefault 10;
+          audio-vm.config.microvm.vsock.cid = 3;
+          no-vsock-vm.config.microvm.vsock.cid = null;
+        };
+      }
+    ];
+  };
+  # A VM whose QEMU arguments are forced, dropping the module's monitor.
+  forcedArgs = evalHost {
+    modules = [
+      mainModule
+      {
+        microvm.vms.gui-vm.config.microvm.qemu.extraArgs = lib.mkForce [
+          "-device"
+          "qemu-xhci"
+        ];
+      }
+    ];
+  };
+  # vmd's monitor off.
+  noMonitor = evalHost {
+    modules = [
+      mainModule
+      { services.vmd.qemuMonitor.enable = false; }
+    ];
+  };
+  # A prebuilt QEMU VM whose own arguments open vmd's monitor.
+  prebuiltMonitor = evalHost {
+    modules = [
+      mainModule
+      {
+        microvm.vms.prebuilt-vm.evaluatedConfig = lib.mkForce (
+          lib.evalModules {
+            modules = guestBase ++ [
+              {
+                networking.hostName = "prebuilt-vm";
+                microvm.vsock.cid = 7;
+                microvm.qemu.extraArgs = [
+                  "-qmp"
+                  "unix:/var/lib/microvms/prebuilt-vm/vmd-qmp.sock,server,nowait"
+                ];
+              }
+            ];
+          }
+        );
+      }
+    ];
+  };
+
   # The README's example, nixos-modules/examples/ghaf-host/flake.nix, as it
   # is: its `outputs` called with stub inputs (nixosSystem evaluates the
   # modules against the stubs; microvm.nix's host module is the stub's).
@@ -356,6 +423,8 @@ let
         max_memory_mib = 4096;
         vsock_cid = 102;
         control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock";
+        monitor_socket = "/var/lib/microvms/gui-vm/vmd-qmp.sock";
+        unit = "microvm@gui-vm.service";
         protected = false;
       };
       got = inventory.vm.gui-vm;
@@ -368,6 +437,8 @@ let
         && inventory.vm.net-vm.vsock_cid == 5
         && inventory.vm.app-vm.hypervisor == "cloud-hypervisor"
         && !(inventory.vm.app-vm ? control_socket)
+        && !(inventory.vm.app-vm ? monitor_socket)
+        && inventory.vm.app-vm.unit == "microvm@app-vm.service"
         && inventory.vm.app-vm.vsock_uds == "/var/lib/microvms/app-vm/notify.vsock"
         && lib.attrNames inventory.vm == [
           "admin-vm"
@@ -390,6 +461,77 @@ let
         }
         && failedAssertions plain == [ ];
       got = plain.environment.etc."vmd/inventory.toml".source.value;
+    }
+
+    # vmd's own QMP monitor, and the unit, of every microvm.
+    {
+      name = "every QEMU microvm built here gets vmd's monitor in its QEMU arguments, after its own";
+      ok =
+        guestQemuArgs main "gui-vm" == monitorArgs "gui-vm"
+        && guestQemuArgs main "admin-vm" == monitorArgs "admin-vm"
+        && lib.sort lib.lessThan (guestQemuArgs main "net-vm") == lib.sort lib.lessThan (
+          [
+            "-device"
+            "qemu-xhci"
+          ]
+          ++ monitorArgs "net-vm"
+        )
+        && guestQemuArgs main "app-vm" == [ ];
+      got = lib.genAttrs [ "gui-vm" "admin-vm" "net-vm" "app-vm" ] (guestQemuArgs main);
+    }
+    {
+      name = "inventory: monitor_socket and unit for QEMU microvms; none for a prebuilt VM without the monitor, which is warned about";
+      ok =
+        (inventory.vm.net-vm.monitor_socket or null) == "/var/lib/microvms/net-vm/vmd-qmp.sock"
+        && (inventory.vm.admin-vm.monitor_socket or null) == "/var/lib/microvms/admin-vm/vmd-qmp.sock"
+        && lib.all (n: inventory.vm.${n}.unit == "microvm@${n}.service") (lib.attrNames inventory.vm)
+        && !(inventory.vm.prebuilt-vm ? monitor_socket)
+        && lib.any (
+          w: lib.hasInfix "QEMU microvm prebuilt-vm opens no vmd monitor (it is not declared" w && lib.hasInfix "vmd-qmp.sock" w
+        ) main.warnings
+        && lib.length main.warnings == 2;
+      got = {
+        inherit (inventory) vm;
+        inherit (main) warnings;
+      };
+    }
+    {
+      name = "a prebuilt VM whose own arguments open the monitor has monitor_socket and no monitor warning";
+      ok =
+        (prebuiltMonitor.environment.etc."vmd/inventory.toml".source.value.vm.prebuilt-vm.monitor_socket or null)
+        == "/var/lib/microvms/prebuilt-vm/vmd-qmp.sock"
+        && !(lib.any (lib.hasInfix "QEMU microvm prebuilt-vm") prebuiltMonitor.warnings);
+      got = prebuiltMonitor.environment.etc."vmd/inventory.toml".source.value.vm.prebuilt-vm;
+    }
+    {
+      name = "QEMU arguments forced without the monitor: no monitor_socket, and a warning naming the VM";
+      ok =
+        !(forcedArgs.environment.etc."vmd/inventory.toml".source.value.vm.gui-vm ? monitor_socket)
+        && lib.any (
+          w: lib.hasInfix "QEMU microvm gui-vm opens no vmd monitor (a higher-priority definition" w
+        ) forcedArgs.warnings;
+      got = forcedArgs.warnings;
+    }
+    {
+      name = "qemuMonitor.enable = false adds no monitor and renders no monitor_socket";
+      ok =
+        guestQemuArgs noMonitor "gui-vm" == [ ]
+        && !(noMonitor.environment.etc."vmd/inventory.toml".source.value.vm.gui-vm ? monitor_socket)
+        && !(lib.any (lib.hasInfix "vmd-qmp.sock") noMonitor.warnings);
+      got = guestQemuArgs noMonitor "gui-vm";
+    }
+
+    # Ghaf's own CIDs are never fought.
+    {
+      name = "declared CIDs (plain, mkDefault, null = no vsock) are kept and none is assigned";
+      ok =
+        ghafCids.services.vmd.assignedCids == { }
+        && guestCid ghafCids "gui-vm" == 100
+        && guestCid ghafCids "admin-vm" == 10
+        && guestCid ghafCids "audio-vm" == 3
+        && guestCid ghafCids "no-vsock-vm" == null
+        && failedAssertions ghafCids == [ ];
+      got = lib.genAttrs [ "gui-vm" "admin-vm" "audio-vm" "no-vsock-vm" ] (guestCid ghafCids);
     }
 
     # Combinations microvm.nix cannot run.
@@ -425,7 +567,7 @@ let
       };
     }
     {
-      name = "README example: the inventory (declared and assigned CIDs, memory ceiling, sockets)";
+      name = "README example: the inventory (declared and assigned CIDs, memory ceiling, sockets, unit)";
       ok =
         exampleInventory.vm == {
           gui-vm = {
@@ -437,6 +579,8 @@ let
             max_memory_mib = 4096;
             vsock_cid = 100;
             control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock";
+            monitor_socket = "/var/lib/microvms/gui-vm/vmd-qmp.sock";
+            unit = "microvm@gui-vm.service";
             protected = false;
           };
           net-vm = {
@@ -448,15 +592,18 @@ let
             max_memory_mib = 512;
             vsock_cid = 5;
             control_socket = "/var/lib/microvms/net-vm/net-vm.sock";
+            monitor_socket = "/var/lib/microvms/net-vm/vmd-qmp.sock";
+            unit = "microvm@net-vm.service";
             protected = true;
           };
         };
       got = exampleInventory.vm;
     }
     {
-      name = "README example: gui-vm runs q35 with its share and vmctl's client.toml";
+      name = "README example: gui-vm runs q35 with vmd's monitor, its share and vmctl's client.toml";
       ok =
         exampleGui.microvm.qemu.machine == "q35"
+        && exampleGui.microvm.qemu.extraArgs == monitorArgs "gui-vm"
         && map (s: s.tag) exampleGui.microvm.shares == [ "vmd-tls" ]
         && (exampleGui.environment.etc."vmd/client.toml".source.value.endpoints == [ "auto" ])
         && map (i: i.name) example.environment.etc."vmd/vmd.toml".source.value.policy.identity == [
