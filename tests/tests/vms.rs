@@ -254,26 +254,48 @@ async fn faults_are_reported_not_hung() {
             held.push(stream);
         }
     });
-    let rig = rig(|c| c.vms.qmp_timeout = Duration::from_secs(2)).await;
-    let inventory = std::fs::read_to_string(rig.host.inventory()).expect("inventory");
-    std::fs::write(
-        rig.host.inventory(),
-        inventory.replace(
-            &rig.host.socket(AUTO).display().to_string(),
-            &mute_socket.display().to_string(),
-        ),
-    )
-    .expect("rewrite inventory");
+    // The inventory names the mute socket as auto-vm's shared control
+    // socket and a monitor socket that does not exist (a hand-made host).
+    let rig = rig(|c| {
+        c.vms.qmp_timeout = Duration::from_secs(2);
+        let file = c.vms.inventory.file.clone().expect("inventory file");
+        let inventory = std::fs::read_to_string(&file).expect("inventory");
+        let auto = format!("[vm.{AUTO}]\n");
+        let rewritten = inventory.replace(
+            &auto,
+            &format!(
+                "{auto}monitor_socket = \"{}\"\n",
+                mute_dir.path().join("absent.sock").display()
+            ),
+        );
+        let mute = mute_socket.display().to_string();
+        let rewritten = rewritten
+            .lines()
+            .map(|l| {
+                if l.starts_with("control_socket") && l.contains(&format!("/{AUTO}/")) {
+                    format!("control_socket = \"{mute}\"")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&file, rewritten).expect("rewrite inventory");
+    })
+    .await;
     let client = rig.server.client("admin").await;
 
-    // The mute socket: the operation ends with Timeout.
-    let op = client.pause(&vm(AUTO)).await.expect("accepted");
-    let done = client.wait_operation(op.id, 60_000).await.expect("wait");
-    assert_eq!(
-        done.status,
-        OperationStatus::Failed(ErrorReply::Timeout),
-        "{done:?}"
-    );
+    // The mute socket: a change that needs it is refused at once, with a
+    // reason; nothing is accepted to fail later.
+    match client.pause(&vm(AUTO)).await {
+        Err(ClientError::Server(ErrorReply::Unavailable { reason })) => {
+            assert!(reason.contains("held by another client"), "{reason}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // Reads answer at once, saying why the facts are missing.
+    let info = client.get_vm(&vm(AUTO)).await.expect("get");
+    assert_eq!(info.state, VmState::Running);
     holder.abort();
 
     // QEMU killed with SIGKILL: the VM reads as failed, promptly.

@@ -189,10 +189,17 @@ impl VmService {
     /// goes (step 4).
     async fn check(&self, record: &Record, change: &Change) -> Result<Way, VmError> {
         let name = &record.spec.name;
-        let Some(unit) = &record.facts.unit else {
-            return Err(VmError::Backend(BackendError::Unavailable(
-                "systemd (its state of the VM is not known right now)".into(),
-            )));
+        let fresh;
+        let unit = match &record.facts.unit {
+            Some(unit) => unit,
+            None => {
+                // systemd was out of reach: ask it now (a change may wait
+                // on the bus; a read never does), and if it answers, have
+                // the follower subscribe again at once.
+                fresh = self.inner.units.status(&record.spec.unit).await?;
+                self.inner.resubscribe.notify_one();
+                &fresh
+            }
         };
         let running = unit.is_active();
         let state = vm_state(record);

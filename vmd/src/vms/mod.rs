@@ -40,6 +40,9 @@ use watch::{Changed, Changes};
 /// Live facts older than this are refreshed in the background when read.
 pub const REFRESH_AFTER: Duration = Duration::from_secs(2);
 
+/// How long start-up waits for running VMs' live facts.
+const START_SETTLE: Duration = Duration::from_secs(5);
+
 /// A VM request could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -94,6 +97,9 @@ struct Inner {
     /// Numbers monitor attaches, so a closed monitor's late events are
     /// told from the current one's.
     epochs: AtomicU64,
+    /// Wakes the follower's pause before subscribing again (a change found
+    /// systemd reachable).
+    resubscribe: tokio::sync::Notify,
 }
 
 impl VmService {
@@ -117,6 +123,7 @@ impl VmService {
                 model: Model::new(),
                 follower: Mutex::new(None),
                 epochs: AtomicU64::new(0),
+                resubscribe: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -142,7 +149,30 @@ impl VmService {
     pub async fn start(&self) -> Result<(), VmError> {
         self.inner.model.declare(self.inner.inventory.load()?);
         self.follow().await;
+        self.settle(START_SETTLE).await;
         Ok(())
+    }
+
+    /// Waits (woken by the model, at most `bound`) until every running
+    /// QEMU VM has its live facts or vmd has given up asking, so the first
+    /// answers after start are complete.
+    async fn settle(&self, bound: Duration) {
+        let mut wake = self.changes().subscribe();
+        let work = async {
+            loop {
+                wake.borrow_and_update();
+                let pending = self.inner.model.select(|_| true).into_iter().any(|r| {
+                    r.is_active() && r.facts.live.is_none() && (r.attaching || r.refreshing)
+                });
+                if !pending {
+                    return;
+                }
+                if wake.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(bound, work).await;
     }
 
     /// After a reload: reads the inventory again and follows the units it
