@@ -27,7 +27,7 @@ use tracing::{Instrument, info, info_span, warn};
 use vmd_proto::{Bytes, ErrorReply, Hypervisor, OperationInfo, OperationKind, VmName, VmState};
 
 use super::model::Record;
-use super::{VmError, VmService, vm_state};
+use super::{VmError, VmService};
 use crate::audit;
 use crate::drivers::{ActiveState, BackendError, Control, LiveState};
 
@@ -202,7 +202,7 @@ impl VmService {
             }
         };
         let running = unit.is_active();
-        let state = vm_state(record);
+        let state = self.state_now(record);
         match change {
             Change::Start if running || unit.active_state == ActiveState::Activating => {
                 return Err(VmError::Invalid(format!("{name} is already running")));
@@ -359,9 +359,18 @@ impl VmService {
             Change::Restart => d.restart,
             _ => d.control,
         } + Duration::from_secs(5);
-        tokio::time::timeout(cap, work)
+        let result = tokio::time::timeout(cap, work)
             .await
-            .unwrap_or_else(|_| Err(VmError::Backend(BackendError::Timeout(unit.to_owned()))))
+            .unwrap_or_else(|_| Err(VmError::Backend(BackendError::Timeout(unit.to_owned()))));
+        if matches!(way, Way::Unit | Way::Freezer) {
+            // What systemd says now, before the operation ends: a client
+            // that saw it succeed reads the new state (the follower's
+            // signal may come a moment later).
+            if let Ok(status) = units.status(unit).await {
+                self.apply_unit(&record.spec.name, status);
+            }
+        }
+        result
     }
 
     /// After a start, waits until the model has the hypervisor's live

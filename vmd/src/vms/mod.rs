@@ -263,17 +263,26 @@ impl VmService {
         {
             self.refresh(&record.spec.name);
         }
-        let usage = match (&record.facts.unit, record.is_active()) {
+        let mut info = vm_info(record, self.usage(record), now_usec());
+        info.pending = self.inner.ops.pending(&record.spec.name, viewer);
+        info
+    }
+
+    /// What the unit's cgroup says now, while it runs.
+    fn usage(&self, record: &Record) -> Usage {
+        match (&record.facts.unit, record.is_active()) {
             (Some(unit), true) => unit
                 .control_group
                 .as_deref()
                 .map(|cg| self.inner.cgroups.usage(cg))
                 .unwrap_or_default(),
             _ => Usage::default(),
-        };
-        let mut info = vm_info(record, usage, now_usec());
-        info.pending = self.inner.ops.pending(&record.spec.name, viewer);
-        info
+        }
+    }
+
+    /// The state now, with the cgroup's word on freezing.
+    pub(crate) fn state_now(&self, record: &Record) -> VmState {
+        state_with(record, self.usage(record).frozen)
     }
 
     /// `Watch`: the VMs in `visible` (and in `only`, unless empty) that
@@ -364,16 +373,22 @@ fn now_usec() -> u64 {
 
 /// The state a human reads, from systemd's view and the hypervisor's.
 pub fn vm_state(record: &Record) -> VmState {
+    state_with(record, None)
+}
+
+/// As [`vm_state`]; `cgroup_frozen` is the kernel's word, read now.
+fn state_with(record: &Record, cgroup_frozen: Option<bool>) -> VmState {
     let Some(unit) = &record.facts.unit else {
         return VmState::Unknown;
     };
     if unit.load_state == "not-found" {
         return VmState::Unknown;
     }
-    let frozen = matches!(
-        unit.freezer_state.as_deref(),
-        Some("frozen" | "freezing" | "freezing-by-parent" | "frozen-by-parent")
-    );
+    let frozen = cgroup_frozen.unwrap_or(false)
+        || matches!(
+            unit.freezer_state.as_deref(),
+            Some("frozen" | "freezing" | "freezing-by-parent" | "frozen-by-parent")
+        );
     match unit.active_state {
         ActiveState::Active | ActiveState::Reloading if frozen => VmState::Frozen,
         ActiveState::Active | ActiveState::Reloading => {
@@ -423,7 +438,7 @@ pub fn vm_info(record: &Record, usage: Usage, now_usec: u64) -> VmInfo {
         name: spec.name.clone(),
         description: spec.description.clone(),
         hypervisor: spec.hypervisor.clone(),
-        state: vm_state(record),
+        state: state_with(record, usage.frozen),
         autostart: facts.autostart,
         protected: spec.protected,
         vsock_cid: spec.vsock_cid,
@@ -454,7 +469,10 @@ pub fn vm_info(record: &Record, usage: Usage, now_usec: u64) -> VmInfo {
                 active_state_name(&u.active_state).to_owned()
             },
             sub_state: u.sub_state.clone(),
-            freezer_state: u.freezer_state.clone(),
+            freezer_state: match usage.frozen {
+                Some(true) => Some("frozen".to_owned()),
+                _ => u.freezer_state.clone(),
+            },
             age_ms: age_ms(record.unit_at),
         }),
         run_state: live
