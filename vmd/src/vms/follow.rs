@@ -9,8 +9,9 @@
 //!    signals is read once) and applied. `Reloading` reads everything.
 //! 3. When the signal stream ends (the bus went away), every VM's unit
 //!    state becomes unknown, and the follower subscribes again after a
-//!    pause that grows to 30 s. An idle host sends no signal and costs no
-//!    wakeup.
+//!    pause that grows to a minute (or at once when a change finds systemd
+//!    back). An idle host sends no signal and costs no wakeup; a host that
+//!    declares no VM is not followed at all.
 //!
 //! QEMU:
 //! 4. A QEMU VM whose unit becomes active gets vmd's monitor attached:
@@ -36,7 +37,7 @@ use super::{Inner, VmService};
 use crate::drivers::{BackendError, LiveEvent, LiveEvents, UnitEvent, UnitEvents, UnitStatus};
 
 /// The longest pause between attempts to reach systemd again.
-const MAX_RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(30);
+const MAX_RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(60);
 
 /// How long a starting VM's monitor socket is waited for.
 const MONITOR_PATIENCE: Duration = Duration::from_secs(10);
@@ -79,6 +80,10 @@ impl VmService {
             old.abort();
         }
         let units = self.inner.model.units();
+        if units.is_empty() {
+            // Nothing declared: nothing to follow, no bus connection.
+            return;
+        }
         let mut events = self.subscribe_and_sync(&units).await;
         let weak = Arc::downgrade(&self.inner);
         let task = tokio::spawn(async move {
