@@ -182,9 +182,13 @@ impl HeldSocket {
     /// # Errors
     /// As [`QmpClient::connect`].
     pub async fn hold(socket: &Path, hold: Duration, patience: Duration) -> Result<Self, QmpError> {
-        let mut client = QmpClient::connect(socket, patience).await?;
+        let client = QmpClient::connect(socket, patience).await?;
         let (release, released) = oneshot::channel();
         let task = tokio::spawn(async move {
+            // The whole session moves in, its write half too: dropping
+            // that would shut the connection's sending side, and QEMU
+            // closes a session whose client stopped sending.
+            let mut client = client;
             let until = tokio::time::sleep(hold);
             tokio::pin!(until);
             tokio::pin!(released);

@@ -28,7 +28,7 @@ use vmd_proto::Role;
 
 use crate::TestServer;
 use crate::microvm::{DeclaredVm, MicrovmHost};
-use crate::nspawn::SystemdContainer;
+use crate::nspawn::{SystemdContainer, SystemdContainerBuilder};
 use crate::qmp::{HeldSocket, QmpClient, QmpError};
 
 /// Autostarted, running once the rig is up.
@@ -73,8 +73,21 @@ impl MicrovmRig {
     /// # Panics
     /// If the container does not boot or a VM does not come up.
     pub async fn with_vms(vms: &[DeclaredVm], adjust: impl FnOnce(&mut vmd::Config)) -> Self {
+        Self::with_container(vms, |builder| builder, adjust).await
+    }
+
+    /// As [`MicrovmRig::with_vms`], with the container's builder adjusted
+    /// first (for example a directory a VM's QEMU reads, bound in).
+    ///
+    /// # Panics
+    /// As [`MicrovmRig::with_vms`].
+    pub async fn with_container(
+        vms: &[DeclaredVm],
+        container: impl FnOnce(SystemdContainerBuilder) -> SystemdContainerBuilder,
+        adjust: impl FnOnce(&mut vmd::Config),
+    ) -> Self {
         let host = MicrovmHost::new(vms);
-        let container = host.container().boot().await;
+        let container = container(host.container()).boot().await;
         container.systemctl(&["start", "microvms.target"]).await;
         for vm in vms.iter().filter(|vm| vm.autostart) {
             wait_for_qmp(&host.socket(vm.name)).await;
