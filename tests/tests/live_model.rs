@@ -29,9 +29,9 @@ use vmd_proto::{
     Bytes, LiveSource, OperationInfo, OperationStatus, VmInfo, VmName, VmState, WatchEvent,
 };
 use vmd_tests::TestPki;
-use vmd_tests::microvm::{DeclaredResources, DeclaredVm, Macvtap};
+use vmd_tests::microvm::{DeclaredResources, DeclaredVm, Macvtap, MicrovmHost};
 use vmd_tests::qmp::{QmpClient, QmpError};
-use vmd_tests::rig::MicrovmRig;
+use vmd_tests::rig::{MicrovmRig, wait_for_qmp};
 
 /// The bound on a read while the main socket is held, and on a
 /// crash reaching the record and a pending watch.
@@ -564,18 +564,20 @@ async fn the_first_list_after_a_restart_of_vmd_is_right() {
     const PAUSED: &str = "paused-vm";
     const BARE: &str = "bare-vm";
     const IDLE: &str = "idle-vm";
-    let rig = MicrovmRig::with_vms(
-        &[
-            DeclaredVm::new(PAUSED).autostart(),
-            DeclaredVm::new(BARE).autostart().without_monitor(),
-            DeclaredVm::new(IDLE),
-        ],
-        |_| {},
-    )
-    .await;
-    // vmd runs as the daemon it is (a process that says READY), not in
-    // the test's process: its monitors go away with it.
-    let pki: TestPki = rig.server.stop().await;
+    // The host without the rig's vmd: here vmd runs as the daemon it is
+    // (a process that says READY), never in the test's process, so
+    // nothing of an earlier run outlives it.
+    let host = MicrovmHost::new(&[
+        DeclaredVm::new(PAUSED).autostart(),
+        DeclaredVm::new(BARE).autostart().without_monitor(),
+        DeclaredVm::new(IDLE),
+    ]);
+    let container = host.container().boot().await;
+    container.systemctl(&["start", "microvms.target"]).await;
+    wait_for_qmp(&host.socket(PAUSED)).await;
+    wait_for_qmp(&host.monitor_socket(PAUSED)).await;
+    wait_for_qmp(&host.socket(BARE)).await;
+    let pki = TestPki::new();
     let port = free_port();
     let config = pki.scratch().join("vmd.toml");
     let tls = pki.server_paths();
@@ -603,9 +605,9 @@ vms = ["*"]
             ca = tls.ca.display().to_string(),
             cert = tls.cert.display().to_string(),
             key = tls.key.display().to_string(),
-            state = rig.host.state_dir().display().to_string(),
-            inventory = rig.host.inventory().display().to_string(),
-            bus = rig.container.bus_address(),
+            state = host.state_dir().display().to_string(),
+            inventory = host.inventory().display().to_string(),
+            bus = container.bus_address(),
         ),
     )
     .expect("config");
@@ -654,7 +656,7 @@ vms = ["*"]
     assert_eq!(idle.live.source, LiveSource::None, "{idle:#?}");
     assert_eq!(idle.pid, None);
     // QEMU agrees.
-    let status = QmpClient::connect(&rig.host.socket(PAUSED), Duration::from_secs(10))
+    let status = QmpClient::connect(&host.socket(PAUSED), Duration::from_secs(10))
         .await
         .expect("main socket")
         .execute("query-status", None)
