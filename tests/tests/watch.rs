@@ -151,9 +151,12 @@ async fn changes_behind_vmds_back_wake_pending_watches() {
     );
 
     // systemd restarts it (Restart=always, as microvm.nix's units): the
-    // watch sees it running again.
+    // watch sees it running again, with its live facts (vmd's monitor
+    // attaches once QEMU runs, maybe in a later change).
     let (event, _) = watch_until(&admin, event.generation, &[GUI], |e| {
-        state_of(e, GUI) == Some(VmState::Running)
+        e.changed.iter().any(|i| {
+            i.name.as_str() == GUI && i.state == VmState::Running && i.vcpus.current.is_some()
+        })
     })
     .await;
 
