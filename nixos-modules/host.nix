@@ -8,8 +8,11 @@
 #    A timer re-runs it daily; renewed certificates are picked up by
 #    reloading vmd (SIGHUP).
 # 2. With microvm.nix on the host, every microvm without `microvm.vsock.cid`
-#    gets a deterministic CID (`assignCids`), and `vms.<name>` defaults come
-#    from the VM's own configuration.
+#    gets a deterministic CID (`assignCids`; a CID the VM declares, as Ghaf
+#    does, is never replaced), every QEMU microvm gets vmd's own QMP
+#    monitor (`qemuMonitor`), and `vms.<name>` defaults come from the VM's
+#    own configuration. Combinations microvm.nix cannot run fail an
+#    assertion (or warn) here, naming the VM.
 # 3. vmd.service (Type=notify) runs as root inside a tight sandbox; see the
 #    `vmd.service` comment below for why root and which capability.
 {
@@ -121,6 +124,36 @@ let
 
   effectiveCid = name: declaredCids.${name} or assignedCids.${name} or null;
 
+  # vmd's own QMP monitor of a QEMU microvm, next to microvm.nix's socket.
+  # QEMU accepts several monitors and sends every event to each; the VM's
+  # main socket stays with microvm.nix, Ghaf's memory manager and
+  # vhotplug. The module adds it to every QEMU microvm built from
+  # `microvm.vms.<name>.config`; a VM built elsewhere has it only if its
+  # own extraArgs carry it.
+  monitorSocketOf = name: "${stateDir}/${name}/vmd-qmp.sock";
+  monitorArgs = name: [
+    "-qmp"
+    "unix:${monitorSocketOf name},server=on,wait=off"
+  ];
+  # Whether QEMU arguments open a monitor on that socket (any options).
+  hasMonitor =
+    name: args:
+    let
+      spec = "unix:${monitorSocketOf name}";
+    in
+    lib.any (
+      i:
+      lib.elemAt args i == "-qmp"
+      && (lib.elemAt args (i + 1) == spec || lib.hasPrefix "${spec}," (lib.elemAt args (i + 1)))
+    ) (lib.range 0 (lib.length args - 2));
+
+  # microvm.nix's guests, by name (VMs whose configuration cannot be read
+  # are left out).
+  microvmGuests = lib.filterAttrs (_: g: g != null) (lib.mapAttrs guestOf microvmVms);
+  qemuGuests = lib.filterAttrs (_: g: g.config.microvm.hypervisor == "qemu") microvmGuests;
+  qemuMachineOf = g: g.config.microvm.qemu.machine or null;
+  qemuArgsOf = g: g.config.microvm.qemu.extraArgs or [ ];
+
   # Every CID any VM will have (microvms and VMs declared only here), by VM.
   allCids = lib.filterAttrs (_: c: c != null) (
     lib.mapAttrs (_: vm: vm.vsockCid) cfg.vms // lib.mapAttrs (n: _: effectiveCid n) microvmVms
@@ -148,6 +181,7 @@ let
     in
     lib.mapAttrs (_: mkDefault) (
       {
+        unit = "microvm@${name}.service";
         hypervisor = m.hypervisor;
         vcpus = m.vcpu;
         # microvm.nix declares no vCPU hotplug: the declared count is the most.
@@ -158,6 +192,12 @@ let
         vsockCid = cid;
         # vmd speaks QMP only: other hypervisors' sockets are not QMP.
         controlSocket = if m.hypervisor == "qemu" then socket else null;
+        # vmd's own monitor, where the VM's QEMU arguments open it.
+        monitorSocket =
+          if m.hypervisor == "qemu" && hasMonitor name (qemuArgsOf guest) then
+            monitorSocketOf name
+          else
+            null;
         # cloud-hypervisor's hybrid vsock socket (microvm.nix names it so).
         vsockUds =
           if m.hypervisor == "cloud-hypervisor" && cid != null then
@@ -214,7 +254,16 @@ let
         controlSocket = mkOption {
           type = types.nullOr types.str;
           default = null;
-          description = "The QEMU QMP socket vmd reads live resources from.";
+          description = "The VM's main QEMU QMP socket (microvm.nix's; shared with others, used only for changes).";
+        };
+        monitorSocket = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = ''
+            vmd's own QMP monitor of the VM, held for the VM's life (vmd's
+            default: `<state_dir>/<name>/vmd-qmp.sock`). With microvm.nix:
+            set for every QEMU VM whose arguments open it (see `qemuMonitor`).
+          '';
         };
         vsockUds = mkOption {
           type = types.nullOr types.str;
@@ -336,6 +385,7 @@ let
         max_memory_mib = vm.maxMemoryMib;
         vsock_cid = vm.vsockCid;
         control_socket = vm.controlSocket;
+        monitor_socket = vm.monitorSocket;
         vsock_uds = vm.vsockUds;
       }
     ) cfg.vms;
@@ -419,26 +469,33 @@ let
     )
   );
 
-  # The module that goes into each declaratively built microvm.
-  guestModule = name: {
-    _file = "vmd/nixos-modules/host.nix (services.vmd, for microvm ${name})";
-    config = mkMerge [
-      (mkIf cfg.assignCids.enable {
-        microvm.vsock.cid = mkOverride assignedCidPriority (assignedCids.${name} or null);
-      })
-      (mkIf (deliveries ? ${name}) {
-        microvm.shares = [
-          {
-            proto = "virtiofs";
-            tag = "vmd-tls";
-            source = "${cfg.guestShareDir}/${name}";
-            mountPoint = cfg.guestMountPoint;
-            readOnly = true;
-          }
-        ];
-      })
-    ];
-  };
+  # The module that goes into each declaratively built microvm (`config`
+  # here is the guest's).
+  guestModule =
+    name:
+    { config, ... }:
+    {
+      _file = "vmd/nixos-modules/host.nix (services.vmd, for microvm ${name})";
+      config = mkMerge [
+        (mkIf (cfg.qemuMonitor.enable && config.microvm.hypervisor == "qemu") {
+          microvm.qemu.extraArgs = monitorArgs name;
+        })
+        (mkIf cfg.assignCids.enable {
+          microvm.vsock.cid = mkOverride assignedCidPriority (assignedCids.${name} or null);
+        })
+        (mkIf (deliveries ? ${name}) {
+          microvm.shares = [
+            {
+              proto = "virtiofs";
+              tag = "vmd-tls";
+              source = "${cfg.guestShareDir}/${name}";
+              mountPoint = cfg.guestMountPoint;
+              readOnly = true;
+            }
+          ];
+        })
+      ];
+    };
 in
 {
   options.services.vmd = {
@@ -607,6 +664,18 @@ in
       };
     };
 
+    qemuMonitor.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Give every QEMU microvm built from `microvm.vms.<name>.config` vmd's
+        own QMP monitor, `<stateDir>/<name>/vmd-qmp.sock` (added to
+        `microvm.qemu.extraArgs`), which vmd holds for the VM's life to
+        follow its state and devices. QEMU accepts several monitors; the
+        VM's main socket stays with microvm.nix and Ghaf's tools.
+      '';
+    };
+
     guestShareDir = mkOption {
       type = types.str;
       default = "/var/lib/vmd/guests";
@@ -677,17 +746,49 @@ in
       assertion = lib.length (lib.filter (o: o.vm == c.vm) (lib.attrValues boundClients)) == 1;
       message = "services.vmd.clients.${name}.vm: ${c.vm} has more than one bound client (one certificate is delivered per VM).";
     }) boundClients
+    # What microvm.nix's QEMU runner refuses to build (it throws while the
+    # host builds): said here, with the VM's name and the way out.
+    ++ lib.mapAttrsToList (name: g: {
+      assertion = !(g.config.microvm.hotplugMem > 0 && qemuMachineOf g == "microvm");
+      message = "services.vmd: microvm ${name} sets microvm.hotplugMem (virtio-mem) on QEMU's `microvm` machine type (microvm.nix's default on x86_64), which has no virtio-mem; microvm.nix cannot build its runner. Set microvm.qemu.machine = \"q35\" in it, or drop hotplugMem.";
+    }) qemuGuests
+    ++ lib.mapAttrsToList (name: g: {
+      assertion = (g.config.microvm.initialBalloonMem or 0) == 0;
+      message = "services.vmd: microvm ${name} sets microvm.initialBalloonMem, which microvm.nix's QEMU runner does not support.";
+    }) qemuGuests
     ++ lib.mapAttrsToList (name: c: {
       assertion = microvmVms ? ${c.vm} -> microvmVms.${c.vm}.config != null;
       message = "services.vmd.clients.${name}.vm: ${c.vm} is not built from `microvm.vms.${c.vm}.config`, so its certificate share cannot be added; mount ${cfg.guestShareDir}/${c.vm} in it yourself.";
     }) boundClients;
 
-    warnings = lib.mapAttrsToList (
-      name: _: "services.vmd: microvm ${name} has no vsock CID and is not declared in this configuration (flake or evaluatedConfig); set microvm.vsock.cid in it."
-    ) (lib.filterAttrs (n: s: !s.injectable && s.cid == null) cidState);
+    warnings =
+      lib.mapAttrsToList (
+        name: _: "services.vmd: microvm ${name} has no vsock CID and is not declared in this configuration (flake or evaluatedConfig); set microvm.vsock.cid in it."
+      ) (lib.filterAttrs (n: s: !s.injectable && s.cid == null) cidState)
+      ++ lib.mapAttrsToList (
+        name: g: "services.vmd: microvm ${name}: QEMU hangs with exactly 2048 MiB of memory (microvm.mem; microvm.nix issue 171): give it another size, e.g. 2047 or 2560."
+      ) (lib.filterAttrs (_: g: g.config.microvm.mem == 2048) qemuGuests)
+      ++ lib.optionals cfg.qemuMonitor.enable (
+        lib.mapAttrsToList (
+          name: _:
+          "services.vmd: QEMU microvm ${name} opens no vmd monitor "
+          + (
+            if microvmVms.${name}.config == null then
+              "(it is not declared in this configuration: flake or evaluatedConfig)"
+            else
+              "(a higher-priority definition of its microvm.qemu.extraArgs replaced the module's)"
+          )
+          + ": add [ \"-qmp\" \"unix:${monitorSocketOf name},server=on,wait=off\" ] to its microvm.qemu.extraArgs; vmd follows the VM's hypervisor state and devices through it."
+        ) (lib.filterAttrs (n: g: !hasMonitor n (qemuArgsOf g)) qemuGuests)
+      );
 
+    # Every microvm's unit is microvm.nix's `microvm@<name>.service`.
     services.vmd.vms = lib.mapAttrs (
-      name: vm: if guestOf name vm == null then { } else microvmDefaults name vm
+      name: vm:
+      if guestOf name vm == null then
+        { unit = mkDefault "microvm@${name}.service"; }
+      else
+        microvmDefaults name vm
     ) microvmVms;
 
     services.vmd.settings = {

@@ -5,7 +5,18 @@
 }:
 let
   root = ../.;
-  workspace = (lib.importTOML (root + "/Cargo.toml")).workspace.package;
+  manifest = (lib.importTOML (root + "/Cargo.toml")).workspace;
+  workspace = manifest.package;
+  # Every member, read from Cargo.toml: cargo reads each member's manifest
+  # even to build one package, so a member left out breaks the build
+  # (tests/package-source checks the selection with cargo itself).
+  members = map (
+    m:
+    if builtins.match ".*[][*?].*" m != null then
+      throw "nixos-modules/package.nix: workspace member glob ${m} is not supported; list the members"
+    else
+      root + "/${m}"
+  ) manifest.members;
 in
 rustPlatform.buildRustPackage {
   pname = "vmd";
@@ -14,14 +25,13 @@ rustPlatform.buildRustPackage {
   # Only what cargo needs, so editing docs or Nix files does not rebuild.
   src = lib.fileset.toSource {
     inherit root;
-    fileset = lib.fileset.unions [
-      (root + "/Cargo.toml")
-      (root + "/Cargo.lock")
-      (root + "/vmd-proto")
-      (root + "/vmd")
-      (root + "/vmd-client")
-      (root + "/tests")
-    ];
+    fileset = lib.fileset.unions (
+      [
+        (root + "/Cargo.toml")
+        (root + "/Cargo.lock")
+      ]
+      ++ members
+    );
   };
   cargoLock.lockFile = root + "/Cargo.lock";
 

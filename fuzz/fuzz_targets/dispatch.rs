@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use tokio::runtime::Runtime;
-use vmd::backend::fake::{FakeControl, FakeUnits};
-use vmd::backend::{ActiveState, LiveState, RunState};
+use vmd::drivers::fake::{FakeControl, FakeUnits};
+use vmd::drivers::{ActiveState, LiveState, RunState};
 use vmd::connection::Session;
 use vmd::handler::Handler;
 use vmd::host::HostProbe;
-use vmd::inventory::InventorySource;
-use vmd::ops::{OperationLimits, Operations};
+use vmd::vms::inventory::InventorySource;
+use vmd::vms::ops::{OperationLimits, Operations};
 use vmd::policy::{Grant, Scope};
 use vmd::tls::PeerIdentity;
 use vmd::transport::PeerAddr;
@@ -139,6 +139,7 @@ fn service(world: &World) -> VmService {
                     base_memory: Some(1024 << 20),
                     plugged_memory: Some(0),
                     balloon_actual: Some(1024 << 20),
+                    devices: None,
                 },
             );
         }
@@ -184,6 +185,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let world = world();
     let service = service(world);
+    world
+        .runtime
+        .block_on(service.start())
+        .expect("the inventory reads");
     let handler = Arc::new(Handler::new(HostProbe::new(world.started), service.clone()));
     let id = request.id;
     let unknown_vm = request

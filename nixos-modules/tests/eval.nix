@@ -46,9 +46,10 @@ let
 
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
 
-  # The host of the README example: four declarative microvms (two with
-  # declared CIDs, one of them mkDefault), one from an already evaluated
-  # configuration without a CID, a GUI VM client and a remote admin.
+  # A Ghaf-like host: four declarative microvms (two with declared CIDs,
+  # one of them mkDefault; net-vm with QEMU arguments of its own, as Ghaf
+  # adds), one from an already evaluated configuration without a CID, a
+  # GUI VM client and a remote admin.
   mainModule = {
     services.vmd = {
       enable = true;
@@ -80,14 +81,21 @@ let
       net-vm.config = {
         microvm.vsock.cid = 5;
         microvm.vcpu = 2;
+        microvm.qemu.extraArgs = [
+          "-device"
+          "qemu-xhci"
+        ];
       };
       admin-vm.config = {
         microvm.vsock.cid = lib.mkDefault 101;
       };
       gui-vm.config = {
         microvm.vcpu = 4;
-        microvm.mem = 2048;
-        microvm.hotplugMem = 2048;
+        # Values microvm.nix accepts: not exactly 2048 MiB on QEMU, and
+        # virtio-mem (hotplugMem) only on a machine type that has it.
+        microvm.mem = 3072;
+        microvm.hotplugMem = 1024;
+        microvm.qemu.machine = "q35";
       };
       app-vm.config = {
         microvm.hypervisor = "cloud-hypervisor";
@@ -99,7 +107,13 @@ let
   };
 
   main = evalHost { modules = [ mainModule ]; };
-  guestCid = config: name: config.microvm.vms.${name}.config.config.microvm.vsock.cid;
+  guestOf = config: name: config.microvm.vms.${name}.config.config;
+  guestCid = config: name: (guestOf config name).microvm.vsock.cid;
+  guestQemuArgs = config: name: (guestOf config name).microvm.qemu.extraArgs;
+  monitorArgs = name: [
+    "-qmp"
+    "unix:/var/lib/microvms/${name}/vmd-qmp.sock,server=on,wait=off"
+  ];
   guestShares = config: name: config.microvm.vms.${name}.config.config.microvm.shares;
   svc = main.systemd.services.vmd;
   sc = svc.serviceConfig;
@@ -129,6 +143,109 @@ let
       { services.vmd.vms.outside-vm.vsockCid = 100; }
     ];
   };
+  # What microvm.nix's QEMU runner refuses or warns about: virtio-mem on
+  # the default `microvm` machine type, initialBalloonMem, exactly 2048
+  # MiB (a warning; not for cloud-hypervisor).
+  unrunnable = evalHost {
+    modules = [
+      mainModule
+      {
+        microvm.vms.gui-vm.config.microvm.qemu.machine = lib.mkForce "microvm";
+        microvm.vms.hot-vm.config = {
+          microvm.hotplugMem = 512;
+          microvm.initialBalloonMem = 256;
+        };
+        microvm.vms.two-gib-vm.config.microvm.mem = 2048;
+        microvm.vms.ch-vm.config = {
+          microvm.hypervisor = "cloud-hypervisor";
+          microvm.mem = 2048;
+          microvm.hotplugMem = 512;
+        };
+      }
+    ];
+  };
+  # Ghaf declares its VMs' CIDs (plain definitions, some mkDefault, and
+  # `null` for no vsock at all): every one is kept, none is assigned.
+  ghafCids = evalHost {
+    modules = [
+      {
+        services.vmd.enable = true;
+        microvm.vms = {
+          gui-vm.config.microvm.vsock.cid = 100;
+          admin-vm.config.microvm.vsock.cid = lib.mkDefault 10;
+          audio-vm.config.microvm.vsock.cid = 3;
+          no-vsock-vm.config.microvm.vsock.cid = null;
+        };
+      }
+    ];
+  };
+  # A VM whose QEMU arguments are forced, dropping the module's monitor.
+  forcedArgs = evalHost {
+    modules = [
+      mainModule
+      {
+        microvm.vms.gui-vm.config.microvm.qemu.extraArgs = lib.mkForce [
+          "-device"
+          "qemu-xhci"
+        ];
+      }
+    ];
+  };
+  # vmd's monitor off.
+  noMonitor = evalHost {
+    modules = [
+      mainModule
+      { services.vmd.qemuMonitor.enable = false; }
+    ];
+  };
+  # A prebuilt QEMU VM whose own arguments open vmd's monitor.
+  prebuiltMonitor = evalHost {
+    modules = [
+      mainModule
+      {
+        microvm.vms.prebuilt-vm.evaluatedConfig = lib.mkForce (
+          lib.evalModules {
+            modules = guestBase ++ [
+              {
+                networking.hostName = "prebuilt-vm";
+                microvm.vsock.cid = 7;
+                microvm.qemu.extraArgs = [
+                  "-qmp"
+                  "unix:/var/lib/microvms/prebuilt-vm/vmd-qmp.sock,server,nowait"
+                ];
+              }
+            ];
+          }
+        );
+      }
+    ];
+  };
+
+  # The README's example, nixos-modules/examples/ghaf-host/flake.nix, as it
+  # is: its `outputs` called with stub inputs (nixosSystem evaluates the
+  # modules against the stubs; microvm.nix's host module is the stub's).
+  example =
+    ((import ../examples/ghaf-host/flake.nix).outputs {
+      nixpkgs.lib = lib // {
+        nixosSystem =
+          { modules, ... }:
+          lib.evalModules {
+            modules = [
+              stubs.nixos
+              argsModule
+            ]
+            ++ modules;
+          };
+      };
+      microvm.nixosModules.host = stubs.microvmHost guestBase;
+      vmd.nixosModules = {
+        host = ../host.nix;
+        guest = ../guest.nix;
+      };
+    }).nixosConfigurations.ghaf-host.config;
+  exampleInventory = example.environment.etc."vmd/inventory.toml".source.value;
+  exampleGui = guestOf example "gui-vm";
+
   # Assignment off: no CIDs are written, undeclared VMs have none.
   noAssign = evalHost {
     modules = [
@@ -302,10 +419,12 @@ let
         hypervisor = "qemu";
         vcpus = 4;
         max_vcpus = 4;
-        memory_mib = 2048;
+        memory_mib = 3072;
         max_memory_mib = 4096;
         vsock_cid = 102;
         control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock";
+        monitor_socket = "/var/lib/microvms/gui-vm/vmd-qmp.sock";
+        unit = "microvm@gui-vm.service";
         protected = false;
       };
       got = inventory.vm.gui-vm;
@@ -318,6 +437,8 @@ let
         && inventory.vm.net-vm.vsock_cid == 5
         && inventory.vm.app-vm.hypervisor == "cloud-hypervisor"
         && !(inventory.vm.app-vm ? control_socket)
+        && !(inventory.vm.app-vm ? monitor_socket)
+        && inventory.vm.app-vm.unit == "microvm@app-vm.service"
         && inventory.vm.app-vm.vsock_uds == "/var/lib/microvms/app-vm/notify.vsock"
         && lib.attrNames inventory.vm == [
           "admin-vm"
@@ -340,6 +461,156 @@ let
         }
         && failedAssertions plain == [ ];
       got = plain.environment.etc."vmd/inventory.toml".source.value;
+    }
+
+    # vmd's own QMP monitor, and the unit, of every microvm.
+    {
+      name = "every QEMU microvm built here gets vmd's monitor in its QEMU arguments, after its own";
+      ok =
+        guestQemuArgs main "gui-vm" == monitorArgs "gui-vm"
+        && guestQemuArgs main "admin-vm" == monitorArgs "admin-vm"
+        && lib.sort lib.lessThan (guestQemuArgs main "net-vm") == lib.sort lib.lessThan (
+          [
+            "-device"
+            "qemu-xhci"
+          ]
+          ++ monitorArgs "net-vm"
+        )
+        && guestQemuArgs main "app-vm" == [ ];
+      got = lib.genAttrs [ "gui-vm" "admin-vm" "net-vm" "app-vm" ] (guestQemuArgs main);
+    }
+    {
+      name = "inventory: monitor_socket and unit for QEMU microvms; none for a prebuilt VM without the monitor, which is warned about";
+      ok =
+        (inventory.vm.net-vm.monitor_socket or null) == "/var/lib/microvms/net-vm/vmd-qmp.sock"
+        && (inventory.vm.admin-vm.monitor_socket or null) == "/var/lib/microvms/admin-vm/vmd-qmp.sock"
+        && lib.all (n: inventory.vm.${n}.unit == "microvm@${n}.service") (lib.attrNames inventory.vm)
+        && !(inventory.vm.prebuilt-vm ? monitor_socket)
+        && lib.any (
+          w: lib.hasInfix "QEMU microvm prebuilt-vm opens no vmd monitor (it is not declared" w && lib.hasInfix "vmd-qmp.sock" w
+        ) main.warnings
+        && lib.length main.warnings == 2;
+      got = {
+        inherit (inventory) vm;
+        inherit (main) warnings;
+      };
+    }
+    {
+      name = "a prebuilt VM whose own arguments open the monitor has monitor_socket and no monitor warning";
+      ok =
+        (prebuiltMonitor.environment.etc."vmd/inventory.toml".source.value.vm.prebuilt-vm.monitor_socket or null)
+        == "/var/lib/microvms/prebuilt-vm/vmd-qmp.sock"
+        && !(lib.any (lib.hasInfix "QEMU microvm prebuilt-vm") prebuiltMonitor.warnings);
+      got = prebuiltMonitor.environment.etc."vmd/inventory.toml".source.value.vm.prebuilt-vm;
+    }
+    {
+      name = "QEMU arguments forced without the monitor: no monitor_socket, and a warning naming the VM";
+      ok =
+        !(forcedArgs.environment.etc."vmd/inventory.toml".source.value.vm.gui-vm ? monitor_socket)
+        && lib.any (
+          w: lib.hasInfix "QEMU microvm gui-vm opens no vmd monitor (a higher-priority definition" w
+        ) forcedArgs.warnings;
+      got = forcedArgs.warnings;
+    }
+    {
+      name = "qemuMonitor.enable = false adds no monitor and renders no monitor_socket";
+      ok =
+        guestQemuArgs noMonitor "gui-vm" == [ ]
+        && !(noMonitor.environment.etc."vmd/inventory.toml".source.value.vm.gui-vm ? monitor_socket)
+        && !(lib.any (lib.hasInfix "vmd-qmp.sock") noMonitor.warnings);
+      got = guestQemuArgs noMonitor "gui-vm";
+    }
+
+    # Ghaf's own CIDs are never fought.
+    {
+      name = "declared CIDs (plain, mkDefault, null = no vsock) are kept and none is assigned";
+      ok =
+        ghafCids.services.vmd.assignedCids == { }
+        && guestCid ghafCids "gui-vm" == 100
+        && guestCid ghafCids "admin-vm" == 10
+        && guestCid ghafCids "audio-vm" == 3
+        && guestCid ghafCids "no-vsock-vm" == null
+        && failedAssertions ghafCids == [ ];
+      got = lib.genAttrs [ "gui-vm" "admin-vm" "audio-vm" "no-vsock-vm" ] (guestCid ghafCids);
+    }
+
+    # Combinations microvm.nix cannot run.
+    {
+      name = "virtio-mem on the `microvm` machine type and initialBalloonMem on QEMU fail assertions naming the VM; not on cloud-hypervisor";
+      ok =
+        let
+          f = failedAssertions unrunnable;
+        in
+        lib.any (m: lib.hasInfix "microvm gui-vm sets microvm.hotplugMem" m) f
+        && lib.any (m: lib.hasInfix "microvm hot-vm sets microvm.hotplugMem" m) f
+        && lib.any (m: lib.hasInfix "microvm hot-vm sets microvm.initialBalloonMem" m) f
+        && !(lib.any (lib.hasInfix "ch-vm") f)
+        && lib.length f == 3;
+      got = failedAssertions unrunnable;
+    }
+    {
+      name = "exactly 2048 MiB on QEMU warns, naming the VM; not on cloud-hypervisor";
+      ok =
+        lib.any (w: lib.hasInfix "microvm two-gib-vm: QEMU hangs with exactly 2048 MiB" w) unrunnable.warnings
+        && !(lib.any (lib.hasInfix "ch-vm") unrunnable.warnings)
+        && !(lib.any (lib.hasInfix "2048 MiB") main.warnings);
+      got = unrunnable.warnings;
+    }
+
+    # The README's example, evaluated as it is.
+    {
+      name = "README example: no failed assertion, no warning";
+      ok = failedAssertions example == [ ] && example.warnings == [ ];
+      got = {
+        assertions = failedAssertions example;
+        inherit (example) warnings;
+      };
+    }
+    {
+      name = "README example: the inventory (declared and assigned CIDs, memory ceiling, sockets, unit)";
+      ok =
+        exampleInventory.vm == {
+          gui-vm = {
+            description = "GUI VM";
+            hypervisor = "qemu";
+            vcpus = 4;
+            max_vcpus = 4;
+            memory_mib = 3072;
+            max_memory_mib = 4096;
+            vsock_cid = 100;
+            control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock";
+            monitor_socket = "/var/lib/microvms/gui-vm/vmd-qmp.sock";
+            unit = "microvm@gui-vm.service";
+            protected = false;
+          };
+          net-vm = {
+            description = "network VM";
+            hypervisor = "qemu";
+            vcpus = 1;
+            max_vcpus = 1;
+            memory_mib = 512;
+            max_memory_mib = 512;
+            vsock_cid = 5;
+            control_socket = "/var/lib/microvms/net-vm/net-vm.sock";
+            monitor_socket = "/var/lib/microvms/net-vm/vmd-qmp.sock";
+            unit = "microvm@net-vm.service";
+            protected = true;
+          };
+        };
+      got = exampleInventory.vm;
+    }
+    {
+      name = "README example: gui-vm runs q35 with vmd's monitor, its share and vmctl's client.toml";
+      ok =
+        exampleGui.microvm.qemu.machine == "q35"
+        && exampleGui.microvm.qemu.extraArgs == monitorArgs "gui-vm"
+        && map (s: s.tag) exampleGui.microvm.shares == [ "vmd-tls" ]
+        && (exampleGui.environment.etc."vmd/client.toml".source.value.endpoints == [ "auto" ])
+        && map (i: i.name) example.environment.etc."vmd/vmd.toml".source.value.policy.identity == [
+          "admin-laptop"
+          "gui-vm"
+        ];
+      got = exampleGui.microvm;
     }
 
     # Rendered config.

@@ -185,6 +185,20 @@ in
           type = types.bool;
           default = false;
         };
+        initialBalloonMem = mkOption {
+          type = types.ints.unsigned;
+          default = 0;
+        };
+        # microvm.nix's default on x86_64-linux (mkDefault "microvm"; "virt"
+        # on aarch64): these stubs stand for an x86_64 host.
+        qemu.machine = mkOption {
+          type = types.str;
+          default = "microvm";
+        };
+        qemu.extraArgs = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+        };
         socket = mkOption {
           type = types.nullOr types.str;
           default = "${config.networking.hostName}.sock";

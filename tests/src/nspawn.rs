@@ -323,10 +323,10 @@ impl SystemdContainer {
         self.systemctl(&["start", "dbus.socket"]).await;
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
-            if let Ok(state) = system_state(&self.bus_address()).await {
-                if state == "running" || state == "degraded" {
-                    return;
-                }
+            if let Ok(state) = system_state(&self.bus_address()).await
+                && (state == "running" || state == "degraded")
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -469,14 +469,14 @@ exec "$@""#;
         let address = self.bus_address();
         let mut last = String::from("no bus");
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "{NSPAWN} for {} exited during boot ({status}):\n{}",
-                        self.machine,
-                        self.log()
-                    );
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "{NSPAWN} for {} exited during boot ({status}):\n{}",
+                    self.machine,
+                    self.log()
+                );
             }
             if self.bus_socket().exists() {
                 match system_state(&address).await {
@@ -529,11 +529,11 @@ exec "$@""#;
             // The kernel kills the whole PID namespace; nspawn then exits.
             signal("KILL", leader);
         }
-        if let Some(mut child) = self.child.take() {
-            if wait_timeout(&mut child, REAP_TIMEOUT).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        if let Some(mut child) = self.child.take()
+            && wait_timeout(&mut child, REAP_TIMEOUT).is_none()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         // Whatever is left (a container still half-way through its boot,
         // nspawn itself) is in the container's cgroups.

@@ -107,6 +107,20 @@ impl DaemonProcess {
         }
     }
 
+    /// The audit records after `since` whose fields satisfy `pred`, now.
+    pub fn audit_records(&self, since: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        self.log.lock().expect("log lock")[since..]
+            .iter()
+            .filter(|v| v["target"] == "vmd::audit" && pred(&v["fields"]))
+            .map(|v| v["fields"].clone())
+            .collect()
+    }
+
+    /// All log records after `since`, now.
+    pub fn records(&self, since: usize) -> Vec<Value> {
+        self.log.lock().expect("log lock")[since..].to_vec()
+    }
+
     /// Waits for an audit record after `since` whose fields satisfy `pred`.
     ///
     /// # Panics

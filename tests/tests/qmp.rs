@@ -29,6 +29,41 @@ async fn query(vm: &QemuVm) -> LiveState {
     qmp().query(vm.socket()).await.expect("query")
 }
 
+/// One shared-socket session per call, as vmd uses for VMs without its
+/// own monitor.
+trait Sessions {
+    async fn query(&self, socket: &Path) -> Result<LiveState, BackendError>;
+    async fn pause(&self, socket: &Path) -> Result<(), BackendError>;
+    async fn resume(&self, socket: &Path) -> Result<(), BackendError>;
+    async fn powerdown(&self, socket: &Path) -> Result<(), BackendError>;
+    async fn set_vcpus(&self, socket: &Path, n: u32) -> Result<(), BackendError>;
+    async fn set_balloon(&self, socket: &Path, bytes: u64) -> Result<(), BackendError>;
+}
+
+impl Sessions for Qmp {
+    async fn query(&self, socket: &Path) -> Result<LiveState, BackendError> {
+        self.open(socket, self.timeout()).await?.query().await
+    }
+    async fn pause(&self, socket: &Path) -> Result<(), BackendError> {
+        self.open(socket, self.timeout()).await?.pause().await
+    }
+    async fn resume(&self, socket: &Path) -> Result<(), BackendError> {
+        self.open(socket, self.timeout()).await?.resume().await
+    }
+    async fn powerdown(&self, socket: &Path) -> Result<(), BackendError> {
+        self.open(socket, self.timeout()).await?.powerdown().await
+    }
+    async fn set_vcpus(&self, socket: &Path, n: u32) -> Result<(), BackendError> {
+        self.open(socket, self.timeout()).await?.set_vcpus(n).await
+    }
+    async fn set_balloon(&self, socket: &Path, bytes: u64) -> Result<(), BackendError> {
+        self.open(socket, self.timeout())
+            .await?
+            .set_balloon(bytes)
+            .await
+    }
+}
+
 /// A QMP session outside vmd's client, to check its work and to hold the
 /// socket. Returns once negotiated.
 async fn raw_session(socket: &Path) -> BufReader<UnixStream> {
@@ -76,6 +111,7 @@ async fn query_reports_the_machine() {
             base_memory: Some(256 * MIB),
             plugged_memory: Some(0),
             balloon_actual: Some(256 * MIB),
+            devices: Some(vec![("balloon0".into(), "virtio-balloon-pci".into())]),
         }
     );
 }

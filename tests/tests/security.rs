@@ -235,27 +235,21 @@ async fn every_refusal_is_enforced_and_audited() {
     .await;
     still_served().await;
 
-    // 4. A valid certificate no identity matches: welcomed with no rights.
+    // 4. A valid certificate no identity matches: welcomed with no rights,
+    //    then closed (it could only be refused).
+    let mark = daemon.log_len();
     let stranger = Client::connect(&endpoint(&daemon), &setup.client_tls("stranger"))
         .await
         .expect("welcomed");
     assert_eq!(stranger.welcome().role, None);
-    forbidden(
-        &daemon,
-        &stranger,
-        "stranger",
-        vmd_proto::Op::Host,
-        "role none",
-    )
-    .await;
-    forbidden(
-        &daemon,
-        &stranger,
-        "stranger",
-        vmd_proto::Op::ListVms,
-        "role none",
-    )
-    .await;
+    assert!(closed_by_server(&stranger).await, "closed after Welcome");
+    daemon
+        .audited(mark, |f| {
+            f["event"] == "connection"
+                && f["identity"] == "stranger"
+                && result(f) == "refused: no rights: closed after Welcome"
+        })
+        .await;
     still_served().await;
 
     // 5. A reader attempting start.
@@ -388,10 +382,8 @@ async fn reload_with_a_broken_policy_keeps_the_old_one() {
     let stranger = Client::connect(&endpoint(&daemon), &setup.client_tls("stranger"))
         .await
         .expect("welcomed");
-    assert!(matches!(
-        stranger.host().await,
-        Err(ClientError::Server(ErrorReply::Forbidden { .. }))
-    ));
+    assert_eq!(stranger.welcome().role, None);
+    assert!(closed_by_server(&stranger).await);
 
     // A good file afterwards is taken.
     setup.write_config(
@@ -512,6 +504,617 @@ async fn slowloris_is_dropped_after_the_handshake_timeout() {
     daemon
         .audited(mark, |f| {
             f["event"] == "connection" && result(f).contains("timed out")
+        })
+        .await;
+    daemon.stop().await;
+}
+
+// --- Security round two (issue 14) ---------------------------------------
+
+/// `Setup`'s config with `[limits]` lines added.
+fn with_limits(setup: &Setup, limits: &str) {
+    let text = std::fs::read_to_string(&setup.config).expect("config");
+    std::fs::write(
+        &setup.config,
+        text.replace(
+            "handshake_timeout_secs = 2",
+            &format!("handshake_timeout_secs = 2\n            {limits}"),
+        ),
+    )
+    .expect("config");
+}
+
+/// Whether a session was closed by the server: its next call fails without
+/// an answer.
+async fn closed_by_server(client: &Client) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), client.host()).await,
+        Ok(Err(ClientError::Closed | ClientError::Protocol(_)))
+    )
+}
+
+/// Eight CA-signed certificates that no policy rule names, 32 sessions
+/// each (the per-identity cap; 256 = the whole connection cap): every one
+/// is welcomed with no rights and closed, and an admin arriving in the
+/// middle of it gets a session every time.
+#[tokio::test]
+async fn rightless_identities_cannot_crowd_out_an_admin() {
+    let setup = Setup::new();
+    with_limits(
+        &setup,
+        "max_connections = 256\n            max_connections_per_identity = 32",
+    );
+    let daemon = DaemonProcess::start(&setup.config).await;
+    let mark = daemon.log_len();
+    let attackers: Vec<ClientTls> = (0..8)
+        .map(|i| setup.client_tls(&format!("stranger-{i}")))
+        .collect();
+
+    let mut sessions = Vec::new();
+    for tls in &attackers {
+        for _ in 0..32 {
+            let tls = tls.clone();
+            let endpoint = endpoint(&daemon);
+            sessions.push(tokio::spawn(async move {
+                match Client::connect(&endpoint, &tls).await {
+                    Ok(client) => {
+                        assert_eq!(client.welcome().role, None);
+                        // Held as long as the server lets it: the attacker never leaves.
+                        (1, closed_by_server(&client).await)
+                    }
+                    // Coming back while penalized: held, then refused, or
+                    // evicted while held when the cap is reached.
+                    Err(
+                        ClientError::Refused(ErrorReply::LimitExceeded { .. })
+                        | ClientError::Tls { .. }
+                        | ClientError::Protocol(_)
+                        | ClientError::Closed,
+                    ) => (0, true),
+                    Err(e) => panic!("neither welcomed nor refused: {e:?}"),
+                }
+            }));
+        }
+    }
+    let admin_tls = setup.tls(&setup.admin);
+    let mut admitted = 0;
+    for _ in 0..10 {
+        let admin = Client::connect(&endpoint(&daemon), &admin_tls)
+            .await
+            .expect("the admin gets a session every time");
+        admin.host().await.expect("and is served");
+        admitted += 1;
+    }
+    let (mut welcomed, mut closed) = (0, 0);
+    for session in sessions {
+        let (w, c) = session.await.expect("attacker task");
+        welcomed += w;
+        closed += usize::from(c);
+    }
+    println!(
+        "{welcomed} of 256 attacker connections were welcomed (and closed), the rest held and refused or evicted"
+    );
+    assert_eq!(admitted, 10);
+    assert!(
+        welcomed >= 8,
+        "each identity was welcomed (and closed) at least once"
+    );
+    assert_eq!(
+        closed, 256,
+        "every rightless connection is closed or refused by the server"
+    );
+    daemon
+        .audited(mark, |f| {
+            f["event"] == "connection"
+                && f["identity"] == "stranger-0"
+                && result(f) == "refused: no rights: closed after Welcome"
+        })
+        .await;
+    daemon.stop().await;
+}
+
+/// At the cap, a session of a higher role displaces the oldest of the
+/// lowest role; a reader displaces no one.
+#[tokio::test]
+async fn higher_roles_displace_lower_sessions_at_the_cap() {
+    let setup = Setup::new();
+    // 8 connections: 7 session slots and one kept for handshakes.
+    with_limits(&setup, "max_connections = 8");
+    let daemon = DaemonProcess::start(&setup.config).await;
+    let reader_tls = setup.client_tls("reader");
+    let mut readers = Vec::new();
+    for _ in 0..7 {
+        let reader = Client::connect(&endpoint(&daemon), &reader_tls)
+            .await
+            .expect("a session slot");
+        reader.host().await.expect("served");
+        readers.push(reader);
+    }
+    let mark = daemon.log_len();
+    match Client::connect(&endpoint(&daemon), &reader_tls).await {
+        Err(ClientError::Refused(ErrorReply::LimitExceeded { limit, .. })) => {
+            assert!(limit.contains("equal or higher role"), "{limit}");
+        }
+        other => panic!("an eighth reader must be refused, got {other:?}"),
+    }
+    let admin = Client::connect(&endpoint(&daemon), &setup.tls(&setup.admin))
+        .await
+        .expect("the admin displaces a reader");
+    admin.host().await.expect("served");
+    assert!(
+        closed_by_server(&readers[0]).await,
+        "the oldest reader gave way"
+    );
+    for reader in &readers[1..] {
+        reader
+            .host()
+            .await
+            .expect("the other readers are untouched");
+    }
+    daemon
+        .audited(mark, |f| {
+            result(f).contains("displaced by a session of a higher role")
+        })
+        .await;
+    daemon.stop().await;
+}
+
+type RawTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Reads one frame body, or `None` when the server has closed.
+async fn read_frame(stream: &mut RawTls) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0; 4];
+    match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut header)).await {
+        Err(_) => panic!("server neither answered nor closed"),
+        Ok(Err(_)) => return None,
+        Ok(Ok(_)) => {}
+    }
+    let len = vmd_proto::frame::body_len(header, vmd_proto::frame::MAX_REPLY_FRAME)
+        .expect("server frame within limits");
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(body)
+}
+
+/// A raw session of `name` past `Hello`/`Welcome`.
+async fn raw_greeted(setup: &Setup, daemon: &DaemonProcess, name: &str) -> RawTls {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = vmd_tests::raw_session(daemon.addr(), setup.pki.raw_client_config(name))
+        .await
+        .expect("TLS");
+    let hello = vmd_proto::Hello {
+        protocol: vmd_proto::PROTOCOL_VERSION,
+        client_name: "flood".into(),
+    };
+    let frame =
+        vmd_proto::frame::encode(&hello, vmd_proto::frame::MAX_REQUEST_FRAME).expect("encode");
+    tls.write_all(&frame).await.expect("Hello");
+    let body = read_frame(&mut tls).await.expect("Welcome");
+    let reply: vmd_proto::HelloReply = vmd_proto::frame::decode(&body).expect("HelloReply");
+    assert!(reply.is_ok(), "{reply:?}");
+    tls
+}
+
+/// Sends `frames` (one buffer, pipelined; the server may close midway),
+/// then reads answers until the server closes. Returns the answers.
+async fn flood(tls: &mut RawTls, frames: Vec<u8>) -> Vec<vmd_proto::Response> {
+    use tokio::io::AsyncWriteExt;
+    let (mut read, mut write) = tokio::io::split(tls);
+    let writer = async move {
+        // Errors mean the server closed: that is the point.
+        let _ = write.write_all(&frames).await;
+        let _ = write.flush().await;
+    };
+    let reader = async move {
+        let mut answers = Vec::new();
+        loop {
+            use tokio::io::AsyncReadExt;
+            let mut header = [0; 4];
+            match tokio::time::timeout(Duration::from_secs(10), read.read_exact(&mut header)).await
+            {
+                Err(_) => panic!("the server neither answered nor closed"),
+                Ok(Err(_)) => return answers,
+                Ok(Ok(_)) => {}
+            }
+            let len = vmd_proto::frame::body_len(header, vmd_proto::frame::MAX_REPLY_FRAME)
+                .expect("frame within limits");
+            let mut body = vec![0; len];
+            if read.read_exact(&mut body).await.is_err() {
+                return answers;
+            }
+            answers.push(vmd_proto::frame::decode(&body).expect("a Response"));
+        }
+    };
+    let ((), answers) = tokio::join!(writer, reader);
+    answers
+}
+
+/// The refusal flood: a reader pipelining 1 000 changes it may not make,
+/// then 1 000 undecodable frames. Each connection is closed after the
+/// documented budget (`max_refusals_per_connection`, 16), the audit log
+/// holds a bounded number of records for each burst (4 singly and one
+/// with the count), and reconnecting right away is held and refused.
+#[tokio::test]
+async fn refusal_floods_close_the_connection_and_the_audit_stays_bounded() {
+    const BUDGET: usize = 16;
+    const IN_FLIGHT: usize = 4;
+    let setup = Setup::new();
+    with_limits(
+        &setup,
+        &format!("max_refusals_per_connection = {BUDGET}\n            max_in_flight = {IN_FLIGHT}"),
+    );
+    let daemon = DaemonProcess::start(&setup.config).await;
+    let good = Client::connect(&endpoint(&daemon), &setup.tls(&setup.admin))
+        .await
+        .expect("admin");
+
+    // 1. Forbidden requests.
+    let mark = daemon.log_len();
+    let mut tls = raw_greeted(&setup, &daemon, "reader").await;
+    let mut frames = Vec::new();
+    for id in 1..=1000 {
+        let request = vmd_proto::Request {
+            id,
+            body: vmd_proto::Op::Start { name: vm("gui-vm") },
+        };
+        frames.extend(
+            vmd_proto::frame::encode(&request, vmd_proto::frame::MAX_REQUEST_FRAME)
+                .expect("encode"),
+        );
+    }
+    let answers = flood(&mut tls, frames).await;
+    let forbidden = answers
+        .iter()
+        .filter(|r| matches!(r.result, Err(ErrorReply::Forbidden { .. })))
+        .count();
+    println!("{forbidden} Forbidden answers before the close");
+    assert_eq!(forbidden, answers.len(), "every answer is a refusal");
+    assert!(
+        (BUDGET..=BUDGET + IN_FLIGHT).contains(&forbidden),
+        "closed after the budget (plus what was in flight): {forbidden}"
+    );
+    let summary = daemon
+        .audited(mark, |f| {
+            f["event"] == "refusals" && f["identity"] == "reader"
+        })
+        .await["fields"]
+        .clone();
+    let singly = daemon.audit_records(mark, |f| {
+        f["event"] == "request" && f["identity"] == "reader" && result(f).starts_with("refused")
+    });
+    assert_eq!(singly.len(), 4, "the first refusals are recorded singly");
+    assert_eq!(
+        summary["count"].as_u64(),
+        Some(u64::try_from(forbidden - 4).expect("small")),
+        "{summary}"
+    );
+    assert!(
+        result(&summary).contains("refusal budget spent"),
+        "{summary}"
+    );
+    let reader_records = daemon.audit_records(mark, |f| f["identity"] == "reader");
+    assert!(
+        reader_records.len() <= 4 + 1 + 1,
+        "admitted, 4 singly, 1 summary: {reader_records:#?}"
+    );
+
+    // 2. Reconnecting at once: held to the handshake deadline, then refused.
+    let mark = daemon.log_len();
+    match Client::connect(&endpoint(&daemon), &setup.client_tls("reader")).await {
+        Err(ClientError::Refused(ErrorReply::LimitExceeded {
+            limit,
+            retry_after_ms,
+        })) => {
+            assert!(limit.contains("refusal budget"), "{limit}");
+            assert!(retry_after_ms.is_some());
+        }
+        other => panic!("a penalized identity must be refused, got {other:?}"),
+    }
+    daemon
+        .audited(mark, |f| {
+            f["identity"] == "reader" && result(f).contains("held until")
+        })
+        .await;
+
+    // 3. Undecodable frames (unknown operation 200), from another reader.
+    let mark = daemon.log_len();
+    let mut tls = raw_greeted(&setup, &daemon, "op").await;
+    let frames: Vec<u8> = (0..1000)
+        .flat_map(|_| [0u8, 0, 0, 3, 5, 0xc8, 0x01])
+        .collect();
+    let answers = flood(&mut tls, frames).await;
+    assert_eq!(
+        answers.len(),
+        BUDGET,
+        "exactly the budget of Malformed answers"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|r| matches!(r.result, Err(ErrorReply::Malformed { .. })))
+    );
+    let summary = daemon
+        .audited(mark, |f| f["event"] == "refusals" && f["identity"] == "op")
+        .await["fields"]
+        .clone();
+    assert_eq!(summary["count"].as_u64(), Some(16), "{summary}");
+    assert!(daemon.audit_records(mark, |f| f["identity"] == "op").len() <= 2);
+
+    good.host().await.expect("the admin is served throughout");
+    daemon.stop().await;
+}
+
+/// Many records of one identity (200 admissions in a row): the audit
+/// meter lets `METERED_BURST` records through (and 2 a second), then
+/// counts the rest into a `suppressed` record.
+#[tokio::test]
+async fn one_identity_cannot_grow_the_audit_log_without_bound() {
+    let setup = Setup::new();
+    let daemon = DaemonProcess::start(&setup.config).await;
+    let mark = daemon.log_len();
+    // Admissions: each is one metered record.
+    let tls = setup.client_tls("reader");
+    let attempts = 200;
+    for _ in 0..attempts {
+        drop(
+            Client::connect(&endpoint(&daemon), &tls)
+                .await
+                .expect("admitted"),
+        );
+    }
+    let suppressed = daemon
+        .audited(mark, |f| {
+            f["event"] == "suppressed" && f["identity"] == "reader"
+        })
+        .await["fields"]
+        .clone();
+    let written = daemon.audit_records(mark, |f| {
+        f["identity"] == "reader" && f["event"] == "connection"
+    });
+    let counted = suppressed["count"].as_u64().expect("a count");
+    println!(
+        "{attempts} connections: {} records written, {counted} counted in one",
+        written.len()
+    );
+    assert!(
+        written.len() < attempts,
+        "the meter holds records back: {}",
+        written.len()
+    );
+    assert!(
+        written.len() as u64 + counted <= attempts as u64,
+        "nothing is counted twice"
+    );
+    assert!(counted > 0);
+    daemon.stop().await;
+}
+
+/// With the CA key, an intermediate CA and a leaf under it named like a
+/// known identity: refused at the handshake, and audited.
+#[tokio::test]
+async fn a_chain_through_an_intermediate_is_refused_and_audited() {
+    let setup = Setup::new();
+    let daemon = DaemonProcess::start(&setup.config).await;
+
+    let ca_pem = std::fs::read_to_string(setup.pki.ca_cert()).expect("CA");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(setup.pki.layout().ca_key()).expect("CA key"),
+    )
+    .expect("CA key");
+    let ca = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("CA issuer");
+    let mut int_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    int_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "intermediate");
+    int_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    int_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let int_key = rcgen::KeyPair::generate().expect("key");
+    let int_cert = int_params.signed_by(&int_key, &ca).expect("intermediate");
+    let int_issuer = rcgen::Issuer::new(int_params, int_key);
+    let mut leaf_params = rcgen::CertificateParams::new(vec!["reader".to_owned()]).expect("params");
+    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let leaf = leaf_params.signed_by(&leaf_key, &int_issuer).expect("leaf");
+    let dir = setup.pki.scratch().join("intermediate");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert, key) = (dir.join("chain.pem"), dir.join("leaf.key"));
+    std::fs::write(&cert, format!("{}{}", leaf.pem(), int_cert.pem())).expect("chain");
+    std::fs::write(&key, leaf_key.serialize_pem()).expect("key");
+
+    refused_at_tls(&daemon, &setup.tls(&(cert, key)), "intermediate").await;
+    Client::connect(&endpoint(&daemon), &setup.tls(&setup.admin))
+        .await
+        .expect("the admin is unaffected")
+        .host()
+        .await
+        .expect("served");
+    daemon.stop().await;
+}
+
+/// Loads every certificate and CRL in `files` with python-cryptography (a
+/// strict DER parser), reading every extension and checking each leaf's
+/// signature against the CA. Returns python's exit status and stderr.
+fn strict_parse(ca: &std::path::Path, files: &[PathBuf], crls: &[PathBuf]) -> (bool, String) {
+    const SCRIPT: &str = r#"
+import sys
+from cryptography import x509
+ca = x509.load_pem_x509_certificate(open(sys.argv[1], "rb").read())
+list(ca.extensions)
+n = int(sys.argv[2])
+for path in sys.argv[3:3 + n]:
+    cert = x509.load_pem_x509_certificate(open(path, "rb").read())
+    for ext in cert.extensions:
+        ext.value
+    cert.verify_directly_issued_by(ca)
+for path in sys.argv[3 + n:]:
+    crl = x509.load_pem_x509_crl(open(path, "rb").read())
+    list(crl.extensions)
+    assert crl.is_signature_valid(ca.public_key())
+print("ok")
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(ca)
+        .arg(files.len().to_string())
+        .args(files)
+        .args(crls)
+        .output()
+        .expect("python3 runs (scripts/test installs python-cryptography)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every kind of certificate `vmd pki` writes (CA, server, client, the dev
+/// PKI's) and its CRL parse with a strict DER parser; the old encoding
+/// (BasicConstraints spelling out `cA FALSE`) does not, so the check can
+/// fail.
+#[tokio::test]
+async fn pki_certificates_pass_a_strict_der_parser() {
+    let import = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, cryptography; sys.exit(int(cryptography.__version__.split('.')[0]) < 46)",
+        ])
+        .status()
+        .expect("python3 runs");
+    assert!(
+        import.success(),
+        "python-cryptography >= 46 is required (scripts/test installs it with pip)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let out = std::process::Command::new(vmd_tests::vmd())
+        .args(["pki", "ensure", "--dir"])
+        .arg(&pki)
+        .args(["--dns", "host.example", "--ip", "192.0.2.10"])
+        .args(["--client", "gui-vm", "--client", "admin-laptop"])
+        .output()
+        .expect("vmd pki ensure runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let layout = vmd::pki::PkiLayout::new(&pki);
+    let gui: vmd::pki::ClientName = "gui-vm".parse().expect("name");
+    vmd::pki::revoke(&layout, &layout.client_cert(&gui)).expect("revoke writes a CRL");
+    let leaves = vec![
+        layout.server_cert(),
+        layout.client_cert(&gui),
+        layout.client_cert(&"admin-laptop".parse().expect("name")),
+    ];
+    let (ok, stderr) = strict_parse(&layout.ca_cert(), &leaves, &[layout.crl()]);
+    assert!(ok, "vmd pki's certificates must be strict DER: {stderr}");
+
+    // The development PKI (`vmd serve --dev`).
+    let dev = vmd::pki::PkiLayout::new(dir.path().join("dev"));
+    vmd::pki::ensure(&dev, &vmd::pki::EnsureSpec::dev()).expect("dev PKI");
+    let dev_leaves = vec![
+        dev.server_cert(),
+        dev.client_cert(&"dev-admin".parse().expect("name")),
+    ];
+    let (ok, stderr) = strict_parse(&dev.ca_cert(), &dev_leaves, &[]);
+    assert!(
+        ok,
+        "the dev PKI's certificates must be strict DER: {stderr}"
+    );
+
+    // The check can fail: a leaf that spells out the default is refused.
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(layout.ca_key()).expect("CA key"))
+            .expect("CA key");
+    let ca_pem = std::fs::read_to_string(layout.ca_cert()).expect("CA");
+    let ca = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("CA issuer");
+    let mut params = rcgen::CertificateParams::new(vec!["old".to_owned()]).expect("params");
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let old = params
+        .signed_by(&rcgen::KeyPair::generate().expect("key"), &ca)
+        .expect("old-style leaf");
+    let old_path = dir.path().join("old.pem");
+    std::fs::write(&old_path, old.pem()).expect("write");
+    let (ok, stderr) = strict_parse(&layout.ca_cert(), &[old_path], &[]);
+    assert!(!ok, "the strict parser must refuse the old encoding");
+    assert!(stderr.contains("EncodedDefault"), "{stderr}");
+}
+
+/// A backend failure reaches the client as a stable reason without the
+/// bus address, a path or the OS's words; the details are in the log.
+#[tokio::test]
+async fn backend_errors_reach_clients_without_paths() {
+    let setup = Setup::new();
+    let daemon = DaemonProcess::start(&setup.config).await;
+    let op = Client::connect(&endpoint(&daemon), &setup.client_tls("op"))
+        .await
+        .expect("operator");
+    let mark = daemon.log_len();
+    let err = op
+        .start(&vm("gui-vm"))
+        .await
+        .expect_err("systemd is unreachable here (no-such-bus)");
+    let text = match &err {
+        ClientError::Server(e) => e.to_string(),
+        other => panic!("expected a server error, got {other:?}"),
+    };
+    println!("the client got: {text}");
+    assert!(
+        !text.contains('/') && !text.contains("no-such-bus") && !text.contains("os error"),
+        "{text}"
+    );
+    assert!(text.contains("systemd is unavailable"), "{text}");
+    let logged = daemon
+        .wait_for_log(mark, |v| v["fields"]["message"] == "backend error")
+        .await;
+    assert!(
+        logged["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no-such-bus")),
+        "the details are logged: {logged}"
+    );
+    daemon.stop().await;
+}
+
+/// One deadline for the TLS handshake and `Hello` (2 s here): a client that
+/// takes 1.8 s to start TLS and sends `Hello` 1.2 s later, within 2 s of
+/// each phase but not of both, gets no `Welcome`.
+#[tokio::test]
+async fn a_slow_two_phase_client_is_cut_at_the_single_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup::new();
+    let daemon = DaemonProcess::start(&setup.config).await;
+    let mark = daemon.log_len();
+    let tcp = tokio::net::TcpStream::connect(daemon.addr())
+        .await
+        .expect("TCP");
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let name = rustls_pki_types::ServerName::try_from(vmd_proto::SERVER_NAME).expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(setup.pki.raw_client_config("reader"))
+        .connect(name, tcp)
+        .await
+        .expect("the TLS handshake itself is in time");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let hello = vmd_proto::Hello {
+        protocol: vmd_proto::PROTOCOL_VERSION,
+        client_name: "slow".into(),
+    };
+    let frame =
+        vmd_proto::frame::encode(&hello, vmd_proto::frame::MAX_REQUEST_FRAME).expect("encode");
+    // The server may already have closed; the write may fail.
+    let _ = tls.write_all(&frame).await;
+    let _ = tls.flush().await;
+    assert!(
+        read_frame(&mut tls).await.is_none(),
+        "no Welcome after the deadline: the connection is closed"
+    );
+    daemon
+        .audited(mark, |f| {
+            f["identity"] == "reader"
+                && result(f) == "refused: no Hello within the handshake deadline"
         })
         .await;
     daemon.stop().await;

@@ -9,10 +9,13 @@
 //!   second).
 //! - `procfs`: CPU time, context switches and memory of a process from
 //!   `/proc`; `idle` and `startup`, which run the `vmd` binary themselves.
+//! - `flood`: a refusal flood (forbidden, malformed, rightless sessions)
+//!   against the daemon: its CPU and log growth, a good client's latency.
 //! - `report`: one result as text or as a JSON line.
 
 #![forbid(unsafe_code)]
 
+mod flood;
 mod load;
 mod procfs;
 mod report;
@@ -49,6 +52,10 @@ enum Command {
     /// Starts vmd repeatedly: time from exec until it accepts a TCP
     /// connection, and until it answers a first request.
     Startup(StartupArgs),
+    /// Floods a running vmd with refusals from another identity; reports
+    /// vmd's CPU, its log growth and a good client's median latency
+    /// against unloaded.
+    Flood(FloodArgs),
 }
 
 /// Where the daemon is and who the bench is.
@@ -179,6 +186,31 @@ struct StartupArgs {
     runs: usize,
 }
 
+#[derive(Debug, Args)]
+struct FloodArgs {
+    /// The good client, the daemon's PID (for its CPU).
+    #[command(flatten)]
+    target: Target,
+    /// How the flooders refuse.
+    #[arg(long, value_enum, default_value_t = flood::Kind::Forbidden)]
+    kind: flood::Kind,
+    /// The flooder's certificate (same CA as the good client).
+    #[arg(long)]
+    flood_cert: PathBuf,
+    /// The flooder's key.
+    #[arg(long)]
+    flood_key: PathBuf,
+    /// Flooding connections at once.
+    #[arg(long, default_value_t = 4)]
+    flooders: usize,
+    /// Seconds of each window (unloaded, then flooded).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// vmd's log file, whose growth is measured.
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
 fn seconds(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
@@ -258,5 +290,23 @@ async fn run(command: Command) -> Result<Vec<report::Report>, Box<dyn std::error
             .await?
         }
         Command::Startup(a) => vec![procfs::startup(&a.target, &a.daemon, a.runs.max(1)).await?],
+        Command::Flood(a) => {
+            let ca = a.target.ca.clone().unwrap_or_else(vmd_proto::dev::ca_cert);
+            let flood_tls =
+                ClientTls::from_files(&ca, &a.flood_cert, &a.flood_key, vmd_proto::SERVER_NAME)?;
+            vec![
+                flood::flood(
+                    &a.target,
+                    flood::FloodPlan {
+                        kind: a.kind,
+                        flooders: a.flooders.max(1),
+                        duration: seconds(a.duration),
+                        flood_tls,
+                        log: a.log,
+                    },
+                )
+                .await?,
+            ]
+        }
     })
 }

@@ -31,6 +31,11 @@ impl Report {
         self.set(key, (value * scale).round() / scale)
     }
 
+    /// A number set before, if there is one.
+    pub(crate) fn number(&self, key: &str) -> Option<f64> {
+        self.values.get(key).and_then(serde_json::Value::as_f64)
+    }
+
     pub(crate) fn print(&self, json: bool) {
         if json {
             let mut object = Map::new();

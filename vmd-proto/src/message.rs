@@ -182,6 +182,8 @@ pub struct Response {
 }
 
 /// A successful reply; the variant matches the request (see [`Op`]).
+// A reply lives for one encode; boxing `Vm` would only move the bytes.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// For [`Op::Host`].

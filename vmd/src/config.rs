@@ -37,6 +37,7 @@
 //! requests_per_second = 200   # per identity, token bucket
 //! request_burst = 400
 //! max_watchers_per_identity = 16   # Watch requests held open at once
+//! max_refusals_per_connection = 16  # refused or malformed requests, then the connection closes
 //!
 //! [log]
 //! format = "plain"    # or "json"
@@ -74,10 +75,10 @@ use serde::Deserialize;
 use vmd_proto::frame::MAX_REQUEST_FRAME;
 use vmd_proto::{Role, VmName};
 
-use crate::vms::inventory::InventorySource;
-use crate::vms::ops::OperationLimits;
 use crate::policy::{Binding, IdentityRule, IpNet, Policy, Scope, Transport};
 use crate::usage::IdentityLimits;
+use crate::vms::inventory::InventorySource;
+use crate::vms::ops::OperationLimits;
 
 /// Where the config file is read from when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmd/vmd.toml";
@@ -153,6 +154,9 @@ pub struct VmsFile {
     pub systemd_bus: Option<String>,
     /// Bound on one control-socket session, in seconds.
     pub qmp_timeout_secs: Option<u64>,
+    /// The unified cgroup hierarchy's mount point, where units' CPU and
+    /// memory use is read (default: found at start).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// `[policy]`
@@ -302,6 +306,9 @@ pub struct LimitsFile {
     pub request_burst: Option<u32>,
     /// `Watch` requests an identity may hold open at once.
     pub max_watchers_per_identity: Option<usize>,
+    /// Refused (`Forbidden`, `LimitExceeded`) or malformed requests a
+    /// connection may send before it is closed.
+    pub max_refusals_per_connection: Option<u32>,
 }
 
 /// `[log]`
@@ -358,6 +365,9 @@ pub struct VmsConfig {
     pub systemd_bus: Option<String>,
     /// Bound on one control-socket session.
     pub qmp_timeout: Duration,
+    /// The unified cgroup hierarchy; `None` finds it at start
+    /// (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a hybrid host).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Default for VmsConfig {
@@ -367,6 +377,7 @@ impl Default for VmsConfig {
             operations: OperationLimits::default(),
             systemd_bus: None,
             qmp_timeout: Duration::from_secs(5),
+            cgroup_root: None,
         }
     }
 }
@@ -424,6 +435,9 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Per-identity connection cap and request rate.
     pub identity: IdentityLimits,
+    /// Refused (`Forbidden`, `LimitExceeded`) or malformed requests a
+    /// connection may send; the next one closes it (see `connection`).
+    pub max_refusals: u32,
 }
 
 impl Default for Limits {
@@ -437,6 +451,7 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             identity: IdentityLimits::default(),
+            max_refusals: 16,
         }
     }
 }
@@ -579,6 +594,12 @@ impl Config {
                 l.shutdown_grace_secs,
                 d.shutdown_grace,
             )?,
+            max_refusals: in_range(
+                "limits.max_refusals_per_connection",
+                l.max_refusals_per_connection.unwrap_or(d.max_refusals),
+                1,
+                1_000_000,
+            )?,
             identity: IdentityLimits {
                 max_connections: in_range(
                     "limits.max_connections_per_identity",
@@ -637,6 +658,7 @@ impl Config {
                 v.qmp_timeout_secs,
                 defaults.vms.qmp_timeout,
             )?,
+            cgroup_root: v.cgroup_root,
         };
         let policy = policy_from_file(file.policy)?;
         let hybrid = &file.listen.hybrid_vsock;
@@ -703,13 +725,13 @@ fn policy_from_file(file: PolicyFile) -> Result<Policy, ConfigError> {
                 format!("{} is listed twice", id.name),
             ));
         }
-        if let Some(pin) = &id.spki_sha256 {
-            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid(
-                    "policy.identity.spki_sha256",
-                    format!("{}: expected 64 hex digits (see `vmd pki show`)", id.name),
-                ));
-            }
+        if let Some(pin) = &id.spki_sha256
+            && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(invalid(
+                "policy.identity.spki_sha256",
+                format!("{}: expected 64 hex digits (see `vmd pki show`)", id.name),
+            ));
         }
         let binding = match (id.bind_vm, id.bind_cid) {
             (Some(_), Some(_)) => {

@@ -1,25 +1,39 @@
 //! One client connection, generic over the transport stream.
 //!
-//! 1. TLS handshake (TLS 1.3, client certificate required) within the
-//!    handshake timeout; a failed or slow handshake just closes.
+//! 1. TLS handshake (TLS 1.3, client certificate required) and `Hello`
+//!    share one deadline, the handshake timeout from the accept: a client
+//!    slow in either phase, or in both, is cut when it passes.
 //! 2. The verified certificate names the peer ([`PeerIdentity`]); peer and
 //!    identity go on the connection's tracing span, which every request
 //!    span nests in. The policy admits the peer (key pin, transport, vsock
 //!    CID binding) and grants it a role and scopes; refusals are audited.
-//! 3. `Hello` → `Welcome`, also within the handshake timeout. A wrong
-//!    protocol version, an unreadable `Hello` or a policy refusal gets an
-//!    error reply, then the connection closes.
+//!    An identity penalized for spending its refusal budget (see `usage`)
+//!    is held until the deadline, then refused.
+//! 3. `Hello` → `Welcome`. A wrong protocol version, an unreadable `Hello`,
+//!    a policy refusal or a limit (the identity's connection cap, no
+//!    session slot: see `slots`) gets an error reply, then the connection
+//!    closes. An identity without a role gets its `Welcome` (role none)
+//!    and the connection closes: it could only be refused. The identity
+//!    is penalized as in step 5, so a reconnecting loop is held.
 //! 4. Requests are read and handled concurrently (pipelining), at most
 //!    `max_in_flight` at a time; responses go out as they finish, each
 //!    carrying its request id. Responses that finish together are written
-//!    together: one TLS record and one write for the batch. A framed-but-undecodable request gets a
-//!    `Malformed` reply and the connection goes on; an oversized length
-//!    prefix gets a `Malformed` reply and closes (the stream is no longer
-//!    in sync).
-//! 5. The connection closes when the peer closes, when it has been idle
+//!    together: one TLS record and one write for the batch. A
+//!    framed-but-undecodable request gets a `Malformed` reply and the
+//!    connection goes on; an oversized length prefix gets a `Malformed`
+//!    reply and closes (the stream is no longer in sync).
+//! 5. Refusals cost the client, not the host. Every `Forbidden`,
+//!    `LimitExceeded` or `Malformed` answer spends one of the connection's
+//!    `max_refusals_per_connection` (default 16); when they are spent the
+//!    connection stops reading, answers what is in flight and closes, and
+//!    its identity is penalized (see `usage`). The first
+//!    [`audit::REFUSALS_RECORDED_SINGLY`] refused requests are audited one
+//!    by one, the rest as one `refusals` record with their count at close.
+//! 6. The connection closes when the peer closes, when it has been idle
 //!    (nothing in flight) for the idle timeout, when a response cannot be
 //!    written within the write timeout, or at shutdown — after in-flight
-//!    requests have been answered.
+//!    requests have been answered. A session may also be displaced by one
+//!    of a higher role at the connection cap (see `slots`).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -27,15 +41,15 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 use vmd_proto::codec::FrameCodec;
 use vmd_proto::frame::{FrameError, MAX_REPLY_FRAME, peek_request_id};
 use vmd_proto::{
-    ErrorReply, Hello, HelloReply, PROTOCOL_VERSION, Request, Response, Role, Welcome,
+    ErrorReply, Hello, HelloReply, Op, PROTOCOL_VERSION, Request, Response, Role, Welcome,
 };
 
 use crate::audit::{self, Outcome};
@@ -127,13 +141,18 @@ pub(crate) async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Until the session is admitted, the connection may be evicted to make
-    // room for another (see `slots`).
+    // The connection may be evicted during its handshake, or displaced as
+    // a session by one of a higher role, to make room (see `slots`).
     tokio::select! {
         () = serve_inner(stream, peer.clone(), ctx, shutdown, &handshake) => {}
         () = handshake.evicted() => {
-            info!(%peer, "evicted during its handshake: connection cap reached");
-            audit::connection(&peer, None, &Outcome::Refused("evicted during handshake: connection cap".into()));
+            let why = if handshake.was_session() {
+                "displaced by a session of a higher role: connection cap"
+            } else {
+                "evicted during handshake: connection cap"
+            };
+            debug!(%peer, "{why}");
+            audit::connection(&peer, None, &Outcome::Refused(why.into()));
         }
     }
 }
@@ -148,16 +167,18 @@ async fn serve_inner<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = ctx.limits;
+    // One deadline for the TLS handshake and `Hello` together (step 1, 3).
+    let deadline = Instant::now() + limits.handshake_timeout;
     let current = ctx.current();
-    let tls = match timeout(limits.handshake_timeout, current.tls.accept(stream)).await {
+    let tls = match timeout_at(deadline, current.tls.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            info!(%peer, error = %e, "TLS handshake refused");
+            debug!(%peer, error = %e, "TLS handshake refused");
             audit::connection(&peer, None, &Outcome::Refused(format!("TLS: {e}")));
             return;
         }
         Err(_) => {
-            info!(%peer, "TLS handshake timed out");
+            debug!(%peer, "TLS handshake timed out");
             audit::connection(
                 &peer,
                 None,
@@ -169,7 +190,7 @@ async fn serve_inner<S>(
     let identity = match PeerIdentity::from_connection(tls.get_ref().1) {
         Ok(identity) => identity,
         Err(e) => {
-            warn!(%peer, error = %e, "refusing peer without a usable identity");
+            debug!(%peer, error = %e, "refusing peer without a usable identity");
             audit::connection(&peer, None, &Outcome::Refused(e.to_string()));
             return;
         }
@@ -181,50 +202,101 @@ async fn serve_inner<S>(
     async move {
         let codec = FrameCodec::<Hello, HelloReply>::new(limits.max_request_frame, MAX_REPLY_FRAME);
         let mut framed = Framed::new(tls, codec);
-        let session = match admission {
-            Ok(grant) => Session {
-                identity,
-                peer,
-                grant,
-            },
+        // Refusals before `Hello` is read (read it, then answer) and after.
+        let refuse = |framed, identity: &PeerIdentity, why: String, reply: ErrorReply| {
+            debug!(reason = %why, "connection refused");
+            audit::connection(&peer, Some(identity), &Outcome::Refused(why));
+            refuse_hello(framed, reply, deadline, &limits)
+        };
+        let refuse_after_hello =
+            |framed, identity: &PeerIdentity, why: String, reply: ErrorReply| {
+                debug!(reason = %why, "connection refused");
+                audit::connection(&peer, Some(identity), &Outcome::Refused(why));
+                answer_hello(framed, Err(reply), &limits)
+            };
+        let grant = match admission {
+            Ok(grant) => grant,
             Err(denial) => {
-                warn!(reason = %denial, "connection refused by policy");
-                audit::connection(
-                    &peer,
-                    Some(&identity),
-                    &Outcome::Refused(denial.to_string()),
-                );
-                let refusal = ErrorReply::Forbidden {
+                let reply = ErrorReply::Forbidden {
                     reason: denial.to_string(),
                 };
-                greet(&mut framed, &identity, Err(refusal), &limits).await;
+                refuse(&mut framed, &identity, denial.to_string(), reply).await;
                 return;
             }
         };
+        // Reconnecting after spending the refusal budget: held until the
+        // deadline, then refused (see `usage`, step 3).
+        if let Some(left) = ctx.usage.penalty(&identity.name) {
+            sleep_until(deadline).await;
+            let reply = ErrorReply::LimitExceeded {
+                limit: "refusal budget of this identity spent recently".into(),
+                retry_after_ms: Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1)),
+            };
+            let why = "refusal budget spent recently: held until the handshake deadline".to_owned();
+            debug!(reason = %why, "connection refused");
+            audit::connection(&peer, Some(&identity), &Outcome::Refused(why));
+            let reply: HelloReply = Err(reply);
+            let _ = send(&mut framed, &reply, limits.write_timeout).await;
+            close(&mut framed, limits.write_timeout).await;
+            return;
+        }
+        let hello = match read_hello(&mut framed, deadline).await {
+            Ok(hello) => hello,
+            Err(NoHello::Refuse(reply)) => {
+                answer_hello(&mut framed, Err(reply), &limits).await;
+                return;
+            }
+            Err(NoHello::Late) => {
+                let why = "no Hello within the handshake deadline".to_owned();
+                audit::connection(&peer, Some(&identity), &Outcome::Refused(why));
+                return;
+            }
+            Err(NoHello::Gone) => return,
+        };
+        let session = Session {
+            identity,
+            peer: peer.clone(),
+            grant,
+        };
         if !session.grant.matched {
-            info!("identity matches no policy rule; default role applies");
+            debug!("identity matches no policy rule; default role applies");
         }
         let _slot = match ctx.usage.connect(&session.identity.name) {
             Ok(slot) => slot,
             Err(e) => {
-                warn!(error = %e, "connection refused");
-                audit::connection(
-                    &session.peer,
-                    Some(&session.identity),
-                    &Outcome::Refused(e.to_string()),
-                );
-                let refusal = ErrorReply::LimitExceeded {
+                let reply = ErrorReply::LimitExceeded {
                     limit: e.to_string(),
                     retry_after_ms: None,
                 };
-                greet(&mut framed, &session.identity, Err(refusal), &limits).await;
+                refuse_after_hello(&mut framed, &session.identity, e.to_string(), reply).await;
                 return;
             }
         };
+        let Some(role) = session.role() else {
+            // No rights: told so, then closed; never a session (`slots`, 4).
+            audit::connection(
+                &session.peer,
+                Some(&session.identity),
+                &Outcome::Refused("no rights: closed after Welcome".into()),
+            );
+            if answer_hello(&mut framed, Ok(welcome(&session, &hello)), &limits).await {
+                close(&mut framed, limits.write_timeout).await;
+            }
+            // Coming back at once could only be closed again: held instead.
+            ctx.usage.penalize(&session.identity.name);
+            return;
+        };
+        if let Err(full) = handshake.become_session(role) {
+            let reply = ErrorReply::LimitExceeded {
+                limit: full.to_string(),
+                retry_after_ms: None,
+            };
+            refuse_after_hello(&mut framed, &session.identity, full.to_string(), reply).await;
+            return;
+        }
         audit::connection(&session.peer, Some(&session.identity), &Outcome::Admitted);
         let session = Arc::new(session);
-        if greet(&mut framed, &session.identity, Ok(session.role()), &limits).await {
-            handshake.done();
+        if answer_hello(&mut framed, Ok(welcome(&session, &hello)), &limits).await {
             let framed = framed.map_codec(FrameCodec::retype::<Request, Response>);
             serve_requests(framed, &session, &ctx, &shutdown).await;
         }
@@ -233,49 +305,89 @@ async fn serve_inner<S>(
     .await;
 }
 
-/// Reads `Hello` and answers it: `Welcome` with `admission`'s role, or
-/// `admission`'s refusal. Returns whether the session may go on.
-async fn greet<T>(
+/// The `Welcome` for an admitted session.
+fn welcome(session: &Session, hello: &Hello) -> Welcome {
+    debug!(client = %hello.client_name.escape_debug(), role = ?session.role(), "session started");
+    Welcome {
+        protocol: PROTOCOL_VERSION,
+        server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        identity: session.identity.name.clone(),
+        role: session.role(),
+    }
+}
+
+/// Why there is no `Hello` to answer.
+#[derive(Debug)]
+enum NoHello {
+    /// Refuse with this reply (unreadable, wrong version).
+    Refuse(ErrorReply),
+    /// The peer closed.
+    Gone,
+    /// The handshake deadline passed.
+    Late,
+}
+
+/// Reads `Hello` by `deadline`.
+async fn read_hello<T>(
     framed: &mut Framed<T, FrameCodec<Hello, HelloReply>>,
-    identity: &PeerIdentity,
-    admission: Result<Option<Role>, ErrorReply>,
+    deadline: Instant,
+) -> Result<Hello, NoHello>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    match timeout_at(deadline, framed.next()).await {
+        Err(_) => {
+            debug!("no Hello within the handshake deadline");
+            Err(NoHello::Late)
+        }
+        Ok(None) => {
+            debug!("closed before Hello");
+            Err(NoHello::Gone)
+        }
+        Ok(Some(Err(e))) => Err(NoHello::Refuse(frame_error(&e))),
+        Ok(Some(Ok(Err(undecodable)))) => Err(NoHello::Refuse(ErrorReply::Malformed {
+            reason: format!("expected Hello: {}", undecodable.error),
+        })),
+        Ok(Some(Ok(Ok(hello)))) if hello.protocol != PROTOCOL_VERSION => {
+            Err(NoHello::Refuse(ErrorReply::VersionMismatch {
+                client: hello.protocol,
+                server: PROTOCOL_VERSION,
+            }))
+        }
+        Ok(Some(Ok(Ok(hello)))) => Ok(hello),
+    }
+}
+
+/// Reads `Hello` (by `deadline`) and answers it with `refusal`, then closes.
+async fn refuse_hello<T>(
+    framed: &mut Framed<T, FrameCodec<Hello, HelloReply>>,
+    refusal: ErrorReply,
+    deadline: Instant,
+    limits: &Limits,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let reply = match read_hello(framed, deadline).await {
+        Ok(_) => refusal,
+        Err(NoHello::Refuse(reply)) => reply,
+        Err(NoHello::Gone | NoHello::Late) => return,
+    };
+    answer_hello(framed, Err(reply), limits).await;
+}
+
+/// Sends the answer to `Hello`; closes after a refusal. Returns whether
+/// the session may go on.
+async fn answer_hello<T>(
+    framed: &mut Framed<T, FrameCodec<Hello, HelloReply>>,
+    reply: HelloReply,
     limits: &Limits,
 ) -> bool
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let reply: HelloReply = match timeout(limits.handshake_timeout, framed.next()).await {
-        Err(_) => {
-            info!("no Hello within the handshake timeout");
-            return false;
-        }
-        Ok(None) => {
-            debug!("closed before Hello");
-            return false;
-        }
-        Ok(Some(Err(e))) => Err(frame_error(&e)),
-        Ok(Some(Ok(Err(undecodable)))) => Err(ErrorReply::Malformed {
-            reason: format!("expected Hello: {}", undecodable.error),
-        }),
-        Ok(Some(Ok(Ok(hello)))) if hello.protocol != PROTOCOL_VERSION => {
-            Err(ErrorReply::VersionMismatch {
-                client: hello.protocol,
-                server: PROTOCOL_VERSION,
-            })
-        }
-        Ok(Some(Ok(Ok(hello)))) => admission.map(|role| {
-            info!(client = %hello.client_name.escape_debug(), ?role, "session started");
-            Welcome {
-                protocol: PROTOCOL_VERSION,
-                server_version: env!("CARGO_PKG_VERSION").to_owned(),
-                identity: identity.name.clone(),
-                role,
-            }
-        }),
-    };
     let accepted = reply.is_ok();
     if let Err(e) = &reply {
-        info!(error = %e, "session refused");
+        debug!(error = %e, "session refused");
     }
     if let Err(e) = send(framed, &reply, limits.write_timeout).await {
         debug!(error = %e, "cannot send Hello reply");
@@ -285,6 +397,38 @@ where
         close(framed, limits.write_timeout).await;
     }
     accepted
+}
+
+/// A connection's refused requests (module docs, step 5).
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Denials and malformed requests: the budget spent.
+    spent: u32,
+    /// Refusals recorded singly in the audit log.
+    recorded: u32,
+    /// Refusals left for the closing summary record.
+    unrecorded: u32,
+}
+
+impl Refusals {
+    /// Counts and audits a refused request (`op` when it was decodable).
+    fn note(&mut self, session: &Session, op: Option<&Op>, error: &ErrorReply) {
+        if audit::is_denial(error) {
+            self.spent = self.spent.saturating_add(1);
+        }
+        let audited = op.is_none_or(|op| audit::is_audited_refusal(op, error));
+        if !audited {
+            return;
+        }
+        match op {
+            Some(op) if self.recorded < audit::REFUSALS_RECORDED_SINGLY => {
+                self.recorded += 1;
+                let outcome = Outcome::Refused(error.to_string());
+                audit::request(&session.identity, &session.peer, op, &outcome);
+            }
+            _ => self.unrecorded = self.unrecorded.saturating_add(1),
+        }
+    }
 }
 
 /// The request loop (step 4 and 5 of the module docs).
@@ -300,23 +444,39 @@ async fn serve_requests<T>(
     let mut in_flight = FuturesUnordered::new();
     let mut ready = Vec::new();
     let mut reading = true;
+    let mut refusals = Refusals::default();
+    let mut budget_spent = false;
     let idle = sleep_until(Instant::now() + limits.idle_timeout);
     tokio::pin!(idle);
     loop {
+        if reading && refusals.spent >= limits.max_refusals {
+            debug!(refusals = refusals.spent, "refusal budget spent; closing");
+            reading = false;
+            budget_spent = true;
+        }
         if !reading && in_flight.is_empty() {
             break;
         }
         let can_read = reading && in_flight.len() < limits.max_in_flight;
         tokio::select! {
-            Some(response) = in_flight.next(), if !in_flight.is_empty() => {
+            Some(answered) = in_flight.next(), if !in_flight.is_empty() => {
                 ready.clear();
-                ready.push(response);
-                while let Some(Some(response)) = in_flight.next().now_or_never() {
-                    ready.push(response);
+                ready.push(answered);
+                while let Some(Some(answered)) = in_flight.next().now_or_never() {
+                    ready.push(answered);
                 }
-                if let Err(e) = send_all(&mut framed, &ready, limits.write_timeout).await {
-                    warn!(error = %e, "cannot send response; closing");
-                    return;
+                let responses: Vec<Response> = ready
+                    .drain(..)
+                    .map(|(op, response): (Op, Response)| {
+                        if let Err(e) = &response.result {
+                            refusals.note(session, Some(&op), e);
+                        }
+                        response
+                    })
+                    .collect();
+                if let Err(e) = send_all(&mut framed, &responses, limits.write_timeout).await {
+                    debug!(error = %e, "cannot send response; closing");
+                    break;
                 }
                 idle.as_mut().reset(Instant::now() + limits.idle_timeout);
             }
@@ -329,7 +489,9 @@ async fn serve_requests<T>(
                     }
                     Some(Ok(Ok(request))) => match ctx.usage.take(&session.identity.name) {
                         Ok(()) => {
-                            in_flight.push(ctx.handler.clone().handle(session.clone(), request));
+                            let (handler, session) = (ctx.handler.clone(), session.clone());
+                            let op = request.body.clone();
+                            in_flight.push(async move { (op, handler.handle(session, request).await) });
                         }
                         Err(retry) => {
                             let error = ErrorReply::LimitExceeded {
@@ -338,28 +500,26 @@ async fn serve_requests<T>(
                                     u64::try_from(retry.as_millis()).unwrap_or(u64::MAX).max(1),
                                 ),
                             };
-                            let outcome = Outcome::Refused(error.to_string());
-                            audit::request(&session.identity, &session.peer, &request.body, &outcome);
+                            refusals.note(session, Some(&request.body), &error);
                             let response = Response { id: request.id, result: Err(error) };
                             if send(&mut framed, &response, limits.write_timeout).await.is_err() {
-                                return;
+                                break;
                             }
                         }
                     },
                     Some(Ok(Err(undecodable))) => {
                         let id = peek_request_id(&undecodable.body).unwrap_or(0);
-                        info!(id, error = %undecodable.error, "undecodable request");
-                        let response = Response {
-                            id,
-                            result: Err(ErrorReply::Malformed {
-                                reason: format!(
-                                    "undecodable request (unknown operation or invalid field): {}",
-                                    undecodable.error
-                                ),
-                            }),
+                        debug!(id, error = %undecodable.error, "undecodable request");
+                        let error = ErrorReply::Malformed {
+                            reason: format!(
+                                "undecodable request (unknown operation or invalid field): {}",
+                                undecodable.error
+                            ),
                         };
+                        refusals.note(session, None, &error);
+                        let response = Response { id, result: Err(error) };
                         if send(&mut framed, &response, limits.write_timeout).await.is_err() {
-                            return;
+                            break;
                         }
                     }
                     Some(Err(FrameError::Io(e))) => {
@@ -367,12 +527,12 @@ async fn serve_requests<T>(
                         reading = false;
                     }
                     Some(Err(e)) => {
-                        info!(error = %e, "unreadable frame; closing");
-                        {
-                            let response = Response { id: 0, result: Err(frame_error(&e)) };
-                            // The peer may already be gone; nothing more to do then.
-                            let _ = send(&mut framed, &response, limits.write_timeout).await;
-                        }
+                        debug!(error = %e, "unreadable frame; closing");
+                        let error = frame_error(&e);
+                        refusals.note(session, None, &error);
+                        let response = Response { id: 0, result: Err(error) };
+                        // The peer may already be gone; nothing more to do then.
+                        let _ = send(&mut framed, &response, limits.write_timeout).await;
                         reading = false;
                     }
                 }
@@ -382,12 +542,23 @@ async fn serve_requests<T>(
                 reading = false;
             }
             () = &mut idle, if in_flight.is_empty() => {
-                info!(timeout = ?limits.idle_timeout, "idle timeout; closing");
+                debug!(timeout = ?limits.idle_timeout, "idle timeout; closing");
                 reading = false;
             }
         }
     }
     close(&mut framed, limits.write_timeout).await;
+    if budget_spent {
+        ctx.usage.penalize(&session.identity.name);
+    }
+    if refusals.unrecorded > 0 {
+        let why = if budget_spent {
+            "refusal budget spent: connection closed"
+        } else {
+            "not recorded singly"
+        };
+        audit::refusals(&session.identity, &session.peer, refusals.unrecorded, why);
+    }
     debug!("connection closed");
 }
 

@@ -17,12 +17,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{Instrument, debug, error, info_span};
+use tracing::{Instrument, debug, error, info_span, warn};
 use vmd_proto::{ErrorReply, Op, OperationId, Reply, Request, Response, Role, Virtualization};
 
 use crate::audit::{self, Outcome};
-use crate::drivers::BackendError;
 use crate::connection::Session;
+use crate::drivers::BackendError;
 use crate::host::HostProbe;
 use crate::vms::ops::Busy;
 use crate::vms::{Change, VmError, VmService};
@@ -121,6 +121,9 @@ impl From<VmError> for ErrorReply {
             VmError::Busy(busy) => busy.into(),
             VmError::Invalid(reason) => ErrorReply::InvalidArgument { reason },
             VmError::Unsupported(reason) => ErrorReply::Unsupported { reason },
+            e @ VmError::SocketHeld(_) => ErrorReply::Unavailable {
+                reason: e.to_string(),
+            },
             VmError::Backend(e) => e.into(),
         }
     }
@@ -137,28 +140,43 @@ impl From<Busy> for ErrorReply {
 }
 
 impl From<BackendError> for ErrorReply {
+    /// Backend errors carry addresses, paths and the OS's words: they are
+    /// logged here and the client gets a stable reason without them.
     fn from(err: BackendError) -> Self {
-        match err {
-            e @ (BackendError::Unavailable(_) | BackendError::SocketBusy(_)) => {
+        let stable = |reason: &str| {
+            error!(error = %err, reason, "backend error");
+            reason.to_owned()
+        };
+        match &err {
+            BackendError::Unavailable(what) if what.starts_with("systemd") => {
                 ErrorReply::Unavailable {
-                    reason: e.to_string(),
+                    reason: stable("systemd is unavailable"),
                 }
             }
+            BackendError::Unavailable(_) => ErrorReply::Unavailable {
+                reason: stable("the VM's control socket is unavailable"),
+            },
+            BackendError::SocketBusy(_) => ErrorReply::Unavailable {
+                reason: stable("the VM's control socket is busy with another client"),
+            },
             BackendError::NoSuchUnit(unit) => ErrorReply::NotFound {
                 what: format!("unit {unit}"),
             },
-            BackendError::Timeout(_) => ErrorReply::Timeout,
-            e @ (BackendError::JobFailed { .. } | BackendError::Command { .. }) => {
-                ErrorReply::Failed {
-                    reason: e.to_string(),
-                }
+            BackendError::Timeout(_) => {
+                stable("timed out");
+                ErrorReply::Timeout
             }
-            BackendError::Protocol(detail) => {
-                error!(%detail, "backend protocol error");
-                ErrorReply::Unavailable {
-                    reason: "a backend answered something unexpected".into(),
-                }
-            }
+            BackendError::JobFailed { .. } | BackendError::Unclean { .. } => ErrorReply::Failed {
+                reason: err.to_string(),
+            },
+            BackendError::Command { command, .. } => ErrorReply::Failed {
+                reason: stable(&format!(
+                    "{command} was refused (the reason is in vmd's log)"
+                )),
+            },
+            BackendError::Protocol(_) => ErrorReply::Unavailable {
+                reason: stable("a backend answered something unexpected"),
+            },
         }
     }
 }
@@ -209,7 +227,12 @@ impl Handler {
     /// After a reload: the inventory may have changed, so unit signals
     /// are followed anew and pending watches answer a snapshot.
     pub fn vms_changed(&self) {
-        self.vms.refollow();
+        let vms = self.vms.clone();
+        tokio::spawn(async move {
+            if let Err(e) = vms.reload().await {
+                warn!(error = %vmd_proto::error_chain(&e), "inventory unreadable; keeping the VMs declared before");
+            }
+        });
     }
 
     /// The vsock CID the inventory declares for a VM (for vsock binding).
@@ -384,7 +407,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_answer_for_readers() {
-        let f = fixture(None);
+        let f = fixture(None).await;
         assert!(matches!(
             ask(&f, Some(Role::Reader), Op::Host).await,
             Ok(Reply::Host(_))
@@ -445,7 +468,7 @@ mod tests {
     /// the generation it returned.
     #[tokio::test]
     async fn a_watch_is_woken_by_a_unit_signal() {
-        let f = fixture(None);
+        let f = fixture(None).await;
         let first = changed(ask(&f, Some(Role::Reader), watch(0, &[], 1)).await);
         assert!(first.snapshot);
         let waiting = tokio::spawn({
@@ -476,7 +499,16 @@ mod tests {
         let names: Vec<&str> = event.changed.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["app-vm"]);
         assert_eq!(event.changed[0].state, vmd_proto::VmState::Running);
-        // Nothing changed since: a short watch times out empty.
+        // vmd's monitor attaches next; then nothing changes: a short watch
+        // times out empty.
+        let mut event = event;
+        while event
+            .changed
+            .iter()
+            .any(|i| i.live.source != vmd_proto::LiveSource::Monitor)
+        {
+            event = changed(ask(&f, Some(Role::Reader), watch(event.generation, &[], 5_000)).await);
+        }
         let quiet = changed(ask(&f, Some(Role::Reader), watch(event.generation, &[], 10)).await);
         assert!(quiet.changed.is_empty() && !quiet.snapshot);
         assert_eq!(quiet.generation, event.generation);
@@ -486,31 +518,52 @@ mod tests {
     /// another VM leaves them waiting.
     #[tokio::test]
     async fn watches_answer_only_for_their_own_vms() {
-        let f = fixture(None);
+        let f = fixture(None).await;
         let start = changed(ask(&f, Some(Role::Reader), watch(0, &[], 1)).await).generation;
-        f.units.set("microvm@admin-vm.service", ActiveState::Active);
+        f.units.set("microvm@chv.service", ActiveState::Active);
         let only_app = changed(ask(&f, Some(Role::Reader), watch(start, &["app-vm"], 20)).await);
         assert!(only_app.changed.is_empty(), "{only_app:?}");
-        let all = changed(ask(&f, Some(Role::Reader), watch(start, &[], 20)).await);
+        let all = changed(ask(&f, Some(Role::Reader), watch(start, &[], 5_000)).await);
         let names: Vec<&str> = all.changed.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(names, ["admin-vm"]);
+        assert_eq!(names, ["chv"]);
     }
 
-    /// Lost unit signals (the bus went away) make the next answer a full
-    /// snapshot; the watch after it subscribes again.
+    /// Lost unit signals (the bus went away) make every VM's state
+    /// unknown, which wakes watches; the follower subscribes again by
+    /// itself and the states come back.
     #[tokio::test]
-    async fn lost_signals_answer_a_snapshot() {
-        let f = fixture(None);
+    async fn lost_signals_make_states_unknown_until_resubscribed() {
+        let f = fixture(None).await;
         let start = changed(ask(&f, Some(Role::Reader), watch(0, &[], 1)).await).generation;
         f.units.drop_subscribers();
-        let mut event = changed(ask(&f, Some(Role::Reader), watch(start, &[], 1000)).await);
-        // The follower task notices the end of its stream asynchronously.
-        while !event.snapshot {
-            event = changed(ask(&f, Some(Role::Reader), watch(start, &[], 1000)).await);
+        let event = changed(ask(&f, Some(Role::Reader), watch(start, &[], 5_000)).await);
+        assert_eq!(event.changed.len(), 3, "{event:?}");
+        assert!(
+            event
+                .changed
+                .iter()
+                .all(|i| i.state == vmd_proto::VmState::Unknown),
+            "{event:?}"
+        );
+        let mut generation = event.generation;
+        loop {
+            let next = changed(
+                ask(
+                    &f,
+                    Some(Role::Reader),
+                    watch(generation, &["admin-vm"], 5_000),
+                )
+                .await,
+            );
+            generation = next.generation;
+            if next
+                .changed
+                .iter()
+                .any(|i| i.state == vmd_proto::VmState::Running)
+            {
+                break;
+            }
         }
-        assert_eq!(event.changed.len(), 3);
-        let again = changed(ask(&f, Some(Role::Reader), watch(event.generation, &[], 1)).await);
-        assert!(!again.snapshot);
         assert_eq!(
             f.units.subscribers.lock().expect("lock").len(),
             1,
@@ -520,7 +573,7 @@ mod tests {
 
     #[tokio::test]
     async fn watches_are_capped_per_identity() {
-        let f = fixture(None);
+        let f = fixture(None).await;
         let handler = Arc::new(
             Handler::new(HostProbe::new(Instant::now()), f.service.clone()).with_max_watchers(1),
         );
@@ -577,7 +630,7 @@ mod tests {
 
     #[tokio::test]
     async fn roles_gate_requests() {
-        let f = fixture(None);
+        let f = fixture(None).await;
         let err = ask(&f, Some(Role::Reader), Op::Start { name: vm("app-vm") }).await;
         assert!(matches!(err, Err(ErrorReply::Forbidden { .. })), "{err:?}");
         let force = Op::Shutdown {
@@ -597,7 +650,7 @@ mod tests {
 
     #[tokio::test]
     async fn changes_are_accepted_then_waited_for() {
-        let f = fixture(None);
+        let f = fixture(None).await;
         let reply = ask(&f, Some(Role::Operator), Op::Start { name: vm("app-vm") }).await;
         if !kvm_usable() {
             assert!(
@@ -631,7 +684,7 @@ mod tests {
 
     #[tokio::test]
     async fn scopes_hide_and_fence_vms() {
-        let f = fixture(None);
+        let f = fixture(None).await;
         let handler = Arc::new(Handler::new(
             HostProbe::new(Instant::now()),
             f.service.clone(),
@@ -684,6 +737,20 @@ mod tests {
     fn backend_details_do_not_leak() {
         let wire = ErrorReply::from(BackendError::Protocol("secret path /x".into()));
         assert!(matches!(wire, ErrorReply::Unavailable { reason } if !reason.contains("/x")));
+        for err in [
+            BackendError::Unavailable(
+                "systemd (D-Bus at unix:path=/run/x/no-such-bus: No such file or directory (os error 2))".into(),
+            ),
+            BackendError::Unavailable("control socket /var/lib/microvms/a/vmd-qmp.sock".into()),
+            BackendError::SocketBusy("QMP /var/lib/microvms/a/a.sock".into()),
+            BackendError::Command {
+                command: "device_add".into(),
+                description: "Could not open '/dev/vfio/7'".into(),
+            },
+        ] {
+            let wire = ErrorReply::from(err).to_string();
+            assert!(!wire.contains('/') && !wire.contains("os error"), "{wire}");
+        }
         assert_eq!(
             ErrorReply::from(BackendError::Timeout("unit".into())),
             ErrorReply::Timeout

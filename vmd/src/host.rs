@@ -149,12 +149,12 @@ impl HostProbe {
         let now = Instant::now();
         // Only whole values are stored: a poisoned lock is consistent.
         let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, info)) = last.as_ref() {
-            if now.saturating_duration_since(*at) < RECENT {
-                let mut info = info.clone();
-                info.vmd_uptime_secs = self.started.elapsed().as_secs();
-                return info;
-            }
+        if let Some((at, info)) = last.as_ref()
+            && now.saturating_duration_since(*at) < RECENT
+        {
+            let mut info = info.clone();
+            info.vmd_uptime_secs = self.started.elapsed().as_secs();
+            return info;
         }
         drop(last);
         let info = self.probe();
@@ -222,12 +222,12 @@ impl HostProbe {
     /// Logical CPUs online: the online list, else the cached `processor`
     /// count, else 0.
     fn logical_cpus(&self, cpu: &CpuSummary) -> u32 {
-        if let Some(path) = &self.cpu_online {
-            if let Some(text) = read_text(path) {
-                match parse_cpu_list(&text) {
-                    Some(n) => return n,
-                    None => debug!(path = %path.display(), "unparsable online CPU list"),
-                }
+        if let Some(path) = &self.cpu_online
+            && let Some(text) = read_text(path)
+        {
+            match parse_cpu_list(&text) {
+                Some(n) => return n,
+                None => debug!(path = %path.display(), "unparsable online CPU list"),
             }
         }
         cpu.processors

@@ -314,10 +314,9 @@ impl Policy {
         };
         if let (PeerAddr::Vsock { .. } | PeerAddr::HybridVsock { .. }, Some(allowed)) =
             (peer, &self.vsock_allowed_cids)
+            && !peer_cid.is_some_and(|cid| allowed.contains(&cid))
         {
-            if !peer_cid.is_some_and(|cid| allowed.contains(&cid)) {
-                return Err(Denial::CidNotAllowed(peer_cid));
-            }
+            return Err(Denial::CidNotAllowed(peer_cid));
         }
         let Some(rule) = self.rule(&identity.name) else {
             return Ok(Grant {
@@ -328,10 +327,10 @@ impl Policy {
             });
         };
         let name = || rule.name.clone();
-        if let Some(pin) = &rule.spki_sha256 {
-            if !pin.eq_ignore_ascii_case(&identity.spki_sha256) {
-                return Err(Denial::KeyMismatch { identity: name() });
-            }
+        if let Some(pin) = &rule.spki_sha256
+            && !pin.eq_ignore_ascii_case(&identity.spki_sha256)
+        {
+            return Err(Denial::KeyMismatch { identity: name() });
         }
         let transport = Transport::of(peer);
         if rule
@@ -361,14 +360,14 @@ impl Policy {
                     Some(Binding::Cid(bound)) => Some(Some(*bound)),
                     Some(Binding::Vm(vm)) => Some(cid_of(vm)),
                 };
-                if let Some(expected) = expected {
-                    if expected != Some(*cid) {
-                        return Err(Denial::Cid {
-                            identity: name(),
-                            expected,
-                            actual: *cid,
-                        });
-                    }
+                if let Some(expected) = expected
+                    && expected != Some(*cid)
+                {
+                    return Err(Denial::Cid {
+                        identity: name(),
+                        expected,
+                        actual: *cid,
+                    });
                 }
             }
             PeerAddr::HybridVsock { vm } => {

@@ -22,16 +22,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::drivers::qemu::Qmp;
-use crate::drivers::systemd::Systemd;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext, Reloadable};
+use crate::drivers::qemu::Qmp;
+use crate::drivers::systemd::Systemd;
 use crate::handler::Handler;
 use crate::host::HostProbe;
-use crate::vms::ops::Operations;
 use crate::slots::Slots;
 use crate::tls::{self, TlsError};
 use crate::transport::{self, ListenAddr, Listener};
+use crate::vms::ops::Operations;
 use crate::vms::{ChangeDeadlines, VmService};
 
 /// Longest pause after repeated accept errors.
@@ -46,6 +46,9 @@ pub enum ServerError {
     /// TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The VM inventory cannot be read.
+    #[error(transparent)]
+    Vms(#[from] crate::vms::VmError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -82,13 +85,19 @@ impl Server {
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         config.check_listeners()?;
         let reloadable = reloadable(config)?;
-        let vms = VmService::new(
+        let mut vms = VmService::new(
             config.vms.inventory.clone(),
             Arc::new(Systemd::new(config.vms.systemd_bus.clone())),
             Arc::new(Qmp::new(config.vms.qmp_timeout)),
             Operations::new(config.vms.operations),
             ChangeDeadlines::default(),
         );
+        if let Some(root) = &config.vms.cgroup_root {
+            vms = vms.with_cgroup_root(root.clone());
+        }
+        // The live model is current before the first client is served (and
+        // before systemd hears READY).
+        vms.start().await?;
 
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();

@@ -5,7 +5,14 @@
 //!    `ServerConfig` whose client verifier is `WebPkiClientVerifier` over
 //!    that CA and those CRLs: a client without a certificate, with one from
 //!    another CA, an expired one or a revoked one fails the handshake.
-//! 2. TLS 1.3 session resumption uses stateless tickets: after a full
+//! 2. Client chains are exactly leaf ← vmd CA ([`DirectChainVerifier`]):
+//!    a client that presents an intermediate certificate (anything but the
+//!    CA certificates themselves) is refused before the library builds a
+//!    path, and the leaf must be issued by one of the CAs by name, whatever
+//!    the library does with path lengths. vmd's PKI never issues
+//!    intermediates; a chain through one means the CA key signed something
+//!    vmd did not.
+//! 3. TLS 1.3 session resumption uses stateless tickets: after a full
 //!    handshake the server sends [`TICKETS_PER_HANDSHAKE`] tickets,
 //!    encrypted under keys of this `ServerConfig` alone (ring's
 //!    ChaCha20-Poly1305 ticketer), so the server keeps no per-client
@@ -14,7 +21,7 @@
 //!    keys, so tickets issued before a CRL or policy reload no longer
 //!    resume: the next connection is a full handshake, checked against the
 //!    new CRLs.
-//! 3. After the handshake, [`PeerIdentity::from_certificate`] names the
+//! 4. After the handshake, [`PeerIdentity::from_certificate`] names the
 //!    peer by its verified leaf: the first SAN DNS name, else the subject
 //!    CN, plus the SHA-256 fingerprint of its public key. A resumed session
 //!    carries the leaf of its original handshake;
@@ -125,9 +132,10 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// [`TlsError`] naming the file or part that is unusable.
 pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let anchors = load_certs(&paths.ca, "CA certificate")?;
     let mut roots = RootCertStore::empty();
-    for ca in load_certs(&paths.ca, "CA certificate")? {
-        roots.add(ca).map_err(|source| TlsError::Rustls {
+    for ca in &anchors {
+        roots.add(ca.clone()).map_err(|source| TlsError::Rustls {
             what: "CA certificate",
             source,
         })?;
@@ -158,7 +166,7 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
             what: "protocol versions",
             source,
         })?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(DirectChainVerifier::new(verifier, anchors)))
         .with_single_cert(chain, key)
         .map_err(|source| TlsError::Rustls {
             what: "server certificate and key",
@@ -173,6 +181,114 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(config))
+}
+
+/// A client chain that is longer than leaf ← vmd CA.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The client sent a certificate other than its leaf and the CA.
+    #[error("client chain holds an intermediate certificate: only leaf <- vmd CA is accepted")]
+    Intermediate,
+    /// The leaf is not issued by a vmd CA (by name).
+    #[error("client certificate is not issued directly by the vmd CA")]
+    NotDirect,
+}
+
+/// The client verifier: `WebPkiClientVerifier` over the vmd CA, refusing
+/// every chain but leaf ← CA (module docs, step 2).
+#[derive(Debug)]
+pub struct DirectChainVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// The CA certificates (DER), the only ones a client may send besides
+    /// its leaf.
+    anchors: Vec<CertificateDer<'static>>,
+    /// The CAs' subject names, raw DER.
+    subjects: Vec<Vec<u8>>,
+}
+
+impl DirectChainVerifier {
+    /// Wraps `inner`, which verifies against `anchors`.
+    pub fn new(
+        inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        anchors: Vec<CertificateDer<'static>>,
+    ) -> Self {
+        let subjects = anchors
+            .iter()
+            .filter_map(|ca| {
+                x509_parser::parse_x509_certificate(ca)
+                    .ok()
+                    .map(|(_, ca)| ca.subject().as_raw().to_vec())
+            })
+            .collect();
+        Self {
+            inner,
+            anchors,
+            subjects,
+        }
+    }
+
+    fn refuse(e: ChainError) -> rustls::Error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(e),
+        )))
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for DirectChainVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if intermediates
+            .iter()
+            .any(|cert| !self.anchors.iter().any(|ca| ca.as_ref() == cert.as_ref()))
+        {
+            return Err(Self::refuse(ChainError::Intermediate));
+        }
+        let verified = self.inner.verify_client_cert(end_entity, &[], now)?;
+        let direct = x509_parser::parse_x509_certificate(end_entity)
+            .is_ok_and(|(_, leaf)| self.subjects.iter().any(|s| s == leaf.issuer().as_raw()));
+        if !direct {
+            return Err(Self::refuse(ChainError::NotDirect));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Who a verified peer is.

@@ -5,9 +5,17 @@
 //! 2. [`Usage::take`] spends one token of the identity's bucket per
 //!    request. Buckets refill lazily from the time elapsed when a token is
 //!    taken: no timer runs, so an idle daemon does no work.
-//! 3. An identity's entry lives as long as it has connections, so memory
-//!    is bounded by the connection cap (reconnecting refills the bucket,
-//!    but every reconnect costs the client a full mTLS handshake).
+//! 3. [`Usage::penalize`]: an identity whose connection was closed for
+//!    spending its refusal budget, or for having no role at all, is
+//!    *penalized* for [`PENALTY`]: its new
+//!    connections in that time are held until their handshake deadline and
+//!    then refused (see `connection`), so reconnecting to refuse again
+//!    costs the client that wait, and the host one handshake per held
+//!    connection and deadline, within the identity's connection cap.
+//! 4. An identity's entry lives as long as it has connections or a
+//!    penalty, so memory is bounded by the connection cap plus
+//!    [`MAX_PENALIZED`] (reconnecting refills the bucket, but every
+//!    reconnect costs the client a full mTLS handshake).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,11 +45,35 @@ impl Default for IdentityLimits {
     }
 }
 
+/// How long an identity stays penalized (module docs, step 3).
+pub const PENALTY: Duration = Duration::from_secs(10);
+
+/// Identities kept penalized without a connection, at most.
+pub const MAX_PENALIZED: usize = 4096;
+
 #[derive(Debug)]
 struct Entry {
     connections: usize,
     tokens: f64,
     refilled: Instant,
+    penalized_until: Option<Instant>,
+}
+
+impl Entry {
+    fn new(burst: u32) -> Self {
+        Self {
+            connections: 0,
+            tokens: f64::from(burst),
+            refilled: Instant::now(),
+            penalized_until: None,
+        }
+    }
+
+    fn penalty_left(&self, now: Instant) -> Option<Duration> {
+        self.penalized_until
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|left| !left.is_zero())
+    }
 }
 
 /// Usage of every connected identity.
@@ -85,11 +117,9 @@ impl Usage {
     /// [`TooManyConnections`] at the cap.
     pub fn connect(&self, identity: &str) -> Result<ConnectionSlot, TooManyConnections> {
         let mut entries = lock(&self.entries);
-        let entry = entries.entry(identity.to_owned()).or_insert_with(|| Entry {
-            connections: 0,
-            tokens: f64::from(self.limits.burst),
-            refilled: Instant::now(),
-        });
+        let entry = entries
+            .entry(identity.to_owned())
+            .or_insert_with(|| Entry::new(self.limits.burst));
         if entry.connections >= self.limits.max_connections {
             return Err(TooManyConnections(self.limits.max_connections));
         }
@@ -98,6 +128,29 @@ impl Usage {
             identity: identity.to_owned(),
             entries: self.entries.clone(),
         })
+    }
+
+    /// Penalizes `identity` for [`PENALTY`] (module docs, step 3).
+    pub fn penalize(&self, identity: &str) {
+        let mut entries = lock(&self.entries);
+        let now = Instant::now();
+        if entries.len() >= MAX_PENALIZED && !entries.contains_key(identity) {
+            entries.retain(|_, e| e.connections > 0 || e.penalty_left(now).is_some());
+        }
+        if entries.len() < MAX_PENALIZED || entries.contains_key(identity) {
+            entries
+                .entry(identity.to_owned())
+                .or_insert_with(|| Entry::new(self.limits.burst))
+                .penalized_until = Some(now + PENALTY);
+        }
+    }
+
+    /// How long `identity` stays penalized, `None` if it is not.
+    pub fn penalty(&self, identity: &str) -> Option<Duration> {
+        let entries = lock(&self.entries);
+        entries
+            .get(identity)
+            .and_then(|e| e.penalty_left(Instant::now()))
     }
 
     /// Spends a request token of `identity` (which must hold a slot).
@@ -128,7 +181,7 @@ impl Drop for ConnectionSlot {
         let mut entries = lock(&self.entries);
         if let Some(entry) = entries.get_mut(&self.identity) {
             entry.connections -= 1;
-            if entry.connections == 0 {
+            if entry.connections == 0 && entry.penalty_left(Instant::now()).is_none() {
                 entries.remove(&self.identity);
             }
         }
@@ -167,6 +220,22 @@ mod tests {
         let usage = usage(4, 1.0, 1);
         drop(usage.connect("a").expect("slot"));
         assert!(lock(&usage.entries).is_empty());
+    }
+
+    #[test]
+    fn penalties_outlive_connections_and_expire() {
+        let usage = usage(4, 1.0, 1);
+        let slot = usage.connect("a").expect("slot");
+        usage.penalize("a");
+        drop(slot);
+        let left = usage.penalty("a").expect("penalized");
+        assert!(left <= PENALTY);
+        assert!(usage.penalty("b").is_none());
+        lock(&usage.entries)
+            .get_mut("a")
+            .expect("kept while penalized")
+            .penalized_until = Some(Instant::now());
+        assert!(usage.penalty("a").is_none(), "expired");
     }
 
     #[test]

@@ -25,6 +25,16 @@
 //! its CPU ticks and context switches then are the cost of following
 //! systemd without polling.
 //!
+//! With `--system-cpu`, each measurement also reports the CPU time every
+//! process serving the reads spent per request (`cpu_us_per_req_*`): vmd
+//! (this process's threads), the client (`vmd-bench`, reaped child), and,
+//! in the container, systemd (its PID 1), dbus-daemon, the QEMUs and the
+//! rest (journald, logind, …), from `/proc/PID/task/*/schedstat`; each
+//! net of what it burns in an idle window of `--seconds` just before (no
+//! client), with the raw numbers and idle rates beside, and
+//! `qemu_wakeups_per_req`: the QEMU threads' voluntary context switches
+//! per request above idle (0 when reads never reach QEMU).
+//!
 //! Needs root, systemd-container, dbus and qemu-system-x86, like the
 //! `system-tests` suites. It prints numbers; it asserts nothing about them.
 
@@ -50,11 +60,12 @@ struct Args {
     idle_watchers: usize,
     idle_seconds: f64,
     vmd: Option<PathBuf>,
+    system_cpu: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: vmd-scale --bench PATH [--vms 1,10,100] [--running N] [--seconds S] [--json]\n\
+        "usage: vmd-scale --bench PATH [--vms 1,10,100] [--running N] [--seconds S] [--system-cpu] [--json]\n\
          \x20      vmd-scale --bench PATH --vmd PATH --idle-watchers N [--idle-seconds S] [--vms N] [--json]"
     );
     std::process::exit(2)
@@ -70,6 +81,7 @@ fn parse_args() -> Args {
         idle_watchers: 0,
         idle_seconds: 60.0,
         vmd: None,
+        system_cpu: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,6 +102,7 @@ fn parse_args() -> Args {
             }
             "--idle-seconds" => args.idle_seconds = value().parse().unwrap_or_else(|_| usage()),
             "--vmd" => args.vmd = Some(value().into()),
+            "--system-cpu" => args.system_cpu = true,
             _ => usage(),
         }
     }
@@ -108,10 +121,10 @@ fn parse_args() -> Args {
 async fn wait_for_qmp(socket: &Path) {
     let ready = async {
         loop {
-            if let Ok(stream) = UnixStream::connect(socket).await {
-                if let Ok(Some(_)) = BufReader::new(stream).lines().next_line().await {
-                    return;
-                }
+            if let Ok(stream) = UnixStream::connect(socket).await
+                && let Ok(Some(_)) = BufReader::new(stream).lines().next_line().await
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -193,8 +206,23 @@ async fn measure(args: &Args, count: usize) -> Vec<Value> {
         c.limits.identity.burst = 1_000_000;
     })
     .await;
-    let mut results = bench(args, &server, &["--op", "list"]).await;
-    results.extend(bench(args, &server, &["--op", "get", "--vm", "vm-000"]).await);
+    let leader = container.leader();
+    let idle = if args.system_cpu {
+        Some(system_cpu::idle(leader, args.seconds).await)
+    } else {
+        None
+    };
+    let mut results = Vec::new();
+    for extra in [&["--op", "list"][..], &["--op", "get", "--vm", "vm-000"]] {
+        let before = idle.as_ref().map(|_| system_cpu::Sample::take(leader));
+        let mut rows = bench(args, &server, extra).await;
+        if let (Some(idle), Some(before)) = (&idle, before) {
+            let after = system_cpu::Sample::take(leader);
+            rows.iter_mut()
+                .for_each(|r| system_cpu::annotate(r, idle, &before, &after));
+        }
+        results.extend(rows);
+    }
     for r in &mut results {
         r["vms"] = count.into();
         r["running"] = running.into();
@@ -306,5 +334,198 @@ async fn main() {
                 );
             }
         }
+    }
+}
+
+/// `--system-cpu` (see the module docs): the CPU time of vmd, its client
+/// and every process of the container, per request.
+mod system_cpu {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    use serde_json::Value;
+
+    /// `vmd-bench requests`' default warm-up, seconds: requests answered
+    /// then are not in its `requests` count but their CPU is in the window.
+    const WARMUP: f64 = 0.5;
+    /// Linux's `USER_HZ`, the unit of `cutime`/`cstime`.
+    const TICK_NS: f64 = 1e7;
+    const GROUPS: [&str; 7] = [
+        "vmd",
+        "client",
+        "systemd",
+        "dbus",
+        "qemu",
+        "other",
+        "qemu_wakeups",
+    ];
+
+    /// CPU ns per group, and the QEMU threads' voluntary context switches.
+    pub(crate) struct Sample {
+        at: Instant,
+        by: BTreeMap<&'static str, f64>,
+        qemus: u64,
+    }
+
+    /// Idle rates per group, per second.
+    pub(crate) struct Idle(BTreeMap<&'static str, f64>);
+
+    fn stat_fields(pid: u32) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after = text.rsplit_once(')')?.1;
+        Some(after.split_whitespace().map(str::to_owned).collect())
+    }
+
+    /// Field `n` of proc(5)'s `/proc/PID/stat` (1-based).
+    fn field(fields: &[String], n: usize) -> f64 {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// ns of every live thread of `pid` (schedstat) and their voluntary
+    /// context switches.
+    fn threads(pid: u32) -> (f64, f64) {
+        let (mut ns, mut switches) = (0.0, 0.0);
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return (0.0, 0.0);
+        };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            if let Ok(text) = std::fs::read_to_string(dir.join("schedstat")) {
+                ns += text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+            if let Ok(text) = std::fs::read_to_string(dir.join("status")) {
+                switches += text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+        (ns, switches)
+    }
+
+    impl Sample {
+        /// Looks at this process and every process under `leader`.
+        pub(crate) fn take(leader: u32) -> Self {
+            let mut by: BTreeMap<&'static str, f64> = GROUPS.iter().map(|g| (*g, 0.0)).collect();
+            let mut qemus = 0;
+            let me = std::process::id();
+            *by.get_mut("vmd").expect("a group") = threads(me).0;
+            // Reaped children: the vmd-bench runs.
+            if let Some(f) = stat_fields(me) {
+                *by.get_mut("client").expect("a group") = (field(&f, 16) + field(&f, 17)) * TICK_NS;
+            }
+            let mut parent = BTreeMap::new();
+            for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                // Field 4 of proc(5): the parent.
+                if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) {
+                    parent.insert(pid, ppid);
+                }
+            }
+            let under = |mut pid: u32| {
+                while pid > 1 {
+                    if pid == leader {
+                        return true;
+                    }
+                    pid = parent.get(&pid).copied().unwrap_or(0);
+                }
+                false
+            };
+            for &pid in parent.keys().filter(|&&pid| under(pid)) {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                let group = match comm.trim() {
+                    _ if pid == leader => "systemd",
+                    "dbus-daemon" | "dbus-broker" | "dbus-broker-lau" => "dbus",
+                    c if c.starts_with("qemu-system") => "qemu",
+                    _ => "other",
+                };
+                let (ns, switches) = threads(pid);
+                // Children it reaped count for it (systemd's helpers).
+                let reaped =
+                    stat_fields(pid).map_or(0.0, |f| (field(&f, 16) + field(&f, 17)) * TICK_NS);
+                *by.get_mut(group).expect("a group") += ns + reaped;
+                if group == "qemu" {
+                    *by.get_mut("qemu_wakeups").expect("a group") += switches;
+                    qemus += 1;
+                }
+            }
+            Self {
+                at: Instant::now(),
+                by,
+                qemus,
+            }
+        }
+    }
+
+    /// Every group's rate over `seconds` of nothing asked, once the QEMUs
+    /// have settled (their firmware done: under 2 % of a core each over a
+    /// second, or 30 s and one more per QEMU have passed).
+    pub(crate) async fn idle(leader: u32, seconds: f64) -> Idle {
+        let mut last = Sample::take(leader);
+        let deadline = Instant::now() + Duration::from_secs(30 + last.qemus);
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = Sample::take(leader);
+            let busy = now.by["qemu"] - last.by["qemu"];
+            last = now;
+            if busy < 0.02e9 * last.qemus as f64 {
+                break;
+            }
+        }
+        let a = Sample::take(leader);
+        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+        let b = Sample::take(leader);
+        let secs = b.at.duration_since(a.at).as_secs_f64();
+        Idle(
+            GROUPS
+                .iter()
+                .map(|g| (*g, (b.by[g] - a.by[g]) / secs))
+                .collect(),
+        )
+    }
+
+    /// Adds the per-request CPU of each group to `row` (a `vmd-bench
+    /// requests` result measured between `a` and `b`).
+    pub(crate) fn annotate(row: &mut Value, idle: &Idle, a: &Sample, b: &Sample) {
+        let requests = row["requests"].as_f64().unwrap_or(0.0);
+        let rate = row["req_per_s"].as_f64().unwrap_or(0.0);
+        let all = (requests + rate * WARMUP).max(1.0);
+        let secs = b.at.duration_since(a.at).as_secs_f64();
+        let round = |x: f64, digits: i32| {
+            let k = 10f64.powi(digits);
+            (x * k).round() / k
+        };
+        let mut total = 0.0;
+        for g in GROUPS {
+            let raw = (b.by[g] - a.by[g]) / all;
+            // The client does not run in the idle window.
+            let idle_rate = if g == "client" { 0.0 } else { idle.0[g] };
+            let net = raw - idle_rate * secs / all;
+            if g == "qemu_wakeups" {
+                // Signed: about 0 (noise either way) unless reads reach QEMU.
+                row["qemu_wakeups_per_req"] = round(net, 3).into();
+                continue;
+            }
+            let net = net.max(0.0);
+            row[format!("cpu_us_per_req_{g}")] = round(net / 1e3, 1).into();
+            row[format!("cpu_us_per_req_{g}_raw")] = round(raw / 1e3, 1).into();
+            row[format!("idle_cpu_ms_per_s_{g}")] = round(idle_rate / 1e6, 2).into();
+            total += net;
+        }
+        row["cpu_us_per_req_total"] = round(total / 1e3, 1).into();
     }
 }

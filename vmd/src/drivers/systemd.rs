@@ -4,12 +4,15 @@
 //!    connects (bounded by the call timeout), calls the Manager's
 //!    `Subscribe` so systemd emits job and unit signals, and keeps the
 //!    connection for later requests.
-//! 2. Reads: `GetUnit` gives the unit's object path; for a unit systemd has
-//!    not loaded (a template instance before its first start looks like
-//!    that) `LoadUnit` does. `GetAll` on the `Unit` interface and, for a
-//!    unit with a cgroup, its type's interface (`Service`, …) gives the
-//!    properties; systemd's "not set" sentinels become `None`. A unit whose
-//!    `LoadState` is `not-found` is [`BackendError::NoSuchUnit`].
+//! 2. Reads never load a unit: `GetUnit` gives a loaded unit's object path;
+//!    a unit systemd has not loaded (a template instance before its first
+//!    start, or after systemd unloaded it) is inactive
+//!    ([`UnitStatus::not_loaded`]). `GetAll` on the `Unit` interface and,
+//!    for a unit with a cgroup, its type's interface (`Service`, …) gives
+//!    the properties; systemd's "not set" sentinels become `None`. Many
+//!    units at once: one `ListUnitsByPatterns` names the loaded ones.
+//!    Jobs and kills load the unit they act on (`LoadUnit`); a unit whose
+//!    `LoadState` is `not-found` is [`BackendError::NoSuchUnit`] there.
 //! 3. Jobs (start, stop, restart): a match for the Manager's `JobRemoved`
 //!    signals of the unit is added *before* the method call, so a job that
 //!    ends before the call returns is not missed. The call returns the job's
@@ -37,7 +40,7 @@ use zbus::message::Type;
 use zbus::zvariant::{DynamicType, OwnedObjectPath, OwnedValue};
 use zbus::{Connection, MatchRule, Message, MessageStream};
 
-use super::{ActiveState, BackendError, UnitEvents, UnitStatus, Units};
+use super::{ActiveState, BackendError, ProcessExit, UnitEvent, UnitEvents, UnitStatus, Units};
 
 /// The system bus, used when no address is configured.
 pub const SYSTEM_BUS_ADDRESS: &str = "unix:path=/run/dbus/system_bus_socket";
@@ -264,11 +267,27 @@ impl Systemd {
 
     async fn status_of(&self, unit: &str) -> Result<UnitStatus, BackendError> {
         let conn = self.connection().await?;
-        let path = self.unit_path(&conn, unit).await?;
+        let reply = match self
+            .call(&conn, MANAGER_PATH, MANAGER, "GetUnit", &unit, unit)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(Fault::NoSuchUnit) => return Ok(UnitStatus::not_loaded()),
+            Err(fault) => return Err(self.error(fault, "GetUnit", unit)),
+        };
+        let path: OwnedObjectPath = decode(&reply, "GetUnit", unit)?;
+        self.status_at(&conn, &path, unit).await
+    }
+
+    /// The status of the loaded `unit` at `path`.
+    async fn status_at(
+        &self,
+        conn: &Connection,
+        path: &OwnedObjectPath,
+        unit: &str,
+    ) -> Result<UnitStatus, BackendError> {
+        let conn = conn.clone();
         let props = self.properties(&conn, path.as_str(), UNIT, unit).await?;
-        if text(&props, "LoadState", unit)? == "not-found" {
-            return Err(BackendError::NoSuchUnit(unit.to_owned()));
-        }
         let cgroup = match cgroup_interface(unit) {
             Some(interface) => {
                 self.properties(&conn, path.as_str(), interface, unit)
@@ -279,25 +298,83 @@ impl Systemd {
         unit_status(&props, &cgroup, unit)
     }
 
-    async fn wanted(&self, unit: &str, target: &str) -> Result<bool, BackendError> {
-        let conn = self.connection().await?;
-        let path = match self.unit_path(&conn, target).await {
-            Ok(path) => path,
-            Err(BackendError::NoSuchUnit(_)) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        let load = self
-            .property(&conn, path.as_str(), UNIT, "LoadState", target)
-            .await?;
-        if load.downcast_ref::<&str>().is_ok_and(|s| s == "not-found") {
-            return Ok(false);
+    /// [`Units::statuses`]: `ListUnitsByPatterns` names the loaded units
+    /// (it loads none), then each loaded one is read.
+    async fn statuses_of(&self, units: &[String]) -> Result<Vec<UnitStatus>, BackendError> {
+        type Listed = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        );
+        if units.is_empty() {
+            return Ok(Vec::new());
         }
+        let conn = self.connection().await?;
+        let states: &[&str] = &[];
+        let reply = self
+            .call(
+                &conn,
+                MANAGER_PATH,
+                MANAGER,
+                "ListUnitsByPatterns",
+                &(states, units),
+                "",
+            )
+            .await
+            .map_err(|fault| self.error(fault, "ListUnitsByPatterns", ""))?;
+        let listed: Vec<Listed> = decode(&reply, "ListUnitsByPatterns", "")?;
+        let paths: HashMap<String, OwnedObjectPath> = listed
+            .into_iter()
+            .map(|(name, _, _, _, _, _, path, _, _, _)| (name, path))
+            .collect();
+        let mut statuses = Vec::with_capacity(units.len());
+        for unit in units {
+            statuses.push(match paths.get(unit) {
+                Some(path) => match self.status_at(&conn, path, unit).await {
+                    // Unloaded between the list and the read.
+                    Err(BackendError::NoSuchUnit(_)) => UnitStatus::not_loaded(),
+                    other => other?,
+                },
+                None => UnitStatus::not_loaded(),
+            });
+        }
+        Ok(statuses)
+    }
+
+    /// [`Units::wants`]: the target's `Wants`; nothing for a target
+    /// systemd has not loaded.
+    async fn wants_of(&self, target: &str) -> Result<Vec<String>, BackendError> {
+        let conn = self.connection().await?;
+        let reply = match self
+            .call(&conn, MANAGER_PATH, MANAGER, "GetUnit", &target, target)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(Fault::NoSuchUnit) => return Ok(Vec::new()),
+            Err(fault) => return Err(self.error(fault, "GetUnit", target)),
+        };
+        let path: OwnedObjectPath = decode(&reply, "GetUnit", target)?;
         let wants = self
             .property(&conn, path.as_str(), UNIT, "Wants", target)
             .await?;
-        let wants = Vec::<String>::try_from(wants)
-            .map_err(|e| protocol("Get Wants", target, &e.to_string()))?;
-        Ok(wants.iter().any(|w| w == unit))
+        Vec::<String>::try_from(wants).map_err(|e| protocol("Get Wants", target, &e.to_string()))
+    }
+
+    /// `FreezeUnit` or `ThawUnit`: systemd answers once the cgroup's
+    /// freezer is done.
+    async fn freezer(&self, method: &'static str, unit: &str) -> Result<(), BackendError> {
+        let conn = self.connection().await?;
+        self.call(&conn, MANAGER_PATH, MANAGER, method, &unit, unit)
+            .await
+            .map(drop)
+            .map_err(|fault| self.error(fault, method, unit))
     }
 
     /// Runs `job` on `unit` and waits until it ends or `deadline`.
@@ -418,15 +495,17 @@ impl Systemd {
     /// instance loads it and systemd unloads it again soon after, so those
     /// would echo vmd's own reads back as changes (a watch answered,
     /// re-read, answered again, forever); loading changes no VM's state.
+    ///
+    /// The Manager's `Reloading(false)` (a `daemon-reload` or re-exec
+    /// finished) is a [`UnitEvent::Resync`]: units may have changed
+    /// without a signal.
     async fn unit_events(&self, units: Vec<String>) -> Result<UnitEvents, BackendError> {
-        if units.is_empty() {
-            // Nothing to follow: a stream that has nothing to say.
-            return Ok(futures_util::stream::pending().boxed());
-        }
         let conn = tokio::time::timeout(self.call_timeout, self.connect())
             .await
             .unwrap_or_else(|_| Err(self.unavailable("connecting timed out")))?;
         let mut streams = Vec::new();
+        let reloading = reloading_rule().map_err(|e| protocol("AddMatch", "", &e.to_string()))?;
+        streams.push(self.subscribe(&conn, reloading, "Reloading").await?);
         for unit in &units {
             let path = unit_object_path(unit);
             let rules = [properties_changed_rule(&path), job_removed_rule(unit)];
@@ -437,7 +516,7 @@ impl Systemd {
         }
         tracing::debug!(address = %self.address, units = units.len(), "following unit signals");
         let events = futures_util::stream::select_all(streams)
-            .filter_map(|msg| async move { msg.ok().as_ref().and_then(changed_unit) });
+            .filter_map(|msg| async move { msg.ok().as_ref().and_then(unit_event) });
         // The streams keep `conn` open; it closes when they are dropped.
         Ok(events.boxed())
     }
@@ -467,12 +546,41 @@ impl Units for Systemd {
         Box::pin(self.status_of(unit))
     }
 
-    fn wanted_by<'a>(
+    fn statuses<'a>(
+        &'a self,
+        units: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<UnitStatus>, BackendError>> {
+        Box::pin(self.statuses_of(units))
+    }
+
+    fn wants<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<Vec<String>, BackendError>> {
+        Box::pin(self.wants_of(target))
+    }
+
+    fn freeze<'a>(
         &'a self,
         unit: &'a str,
-        target: &'a str,
-    ) -> BoxFuture<'a, Result<bool, BackendError>> {
-        Box::pin(self.wanted(unit, target))
+        deadline: Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(within(
+            deadline,
+            "freeze",
+            unit,
+            self.freezer("FreezeUnit", unit),
+        ))
+    }
+
+    fn thaw<'a>(
+        &'a self,
+        unit: &'a str,
+        deadline: Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(within(
+            deadline,
+            "thaw",
+            unit,
+            self.freezer("ThawUnit", unit),
+        ))
     }
 
     fn start<'a>(
@@ -660,19 +768,34 @@ fn unit_object_path(unit: &str) -> String {
     path
 }
 
-/// The unit a signal is about: the unit name in `JobRemoved` (`uoss`),
-/// the object path of `PropertiesChanged`.
-fn changed_unit(msg: &Message) -> Option<String> {
+/// What a signal says: the unit in `JobRemoved` (`uoss`), the unit at the
+/// object path of `PropertiesChanged`, a resync after `Reloading(false)`.
+fn unit_event(msg: &Message) -> Option<UnitEvent> {
     let header = msg.header();
     match header.member()?.as_str() {
         "JobRemoved" => msg
             .body()
             .deserialize::<(u32, OwnedObjectPath, String, String)>()
             .ok()
-            .map(|(_, _, unit, _)| unit),
-        "PropertiesChanged" => unit_from_path(header.path()?.as_str()),
+            .map(|(_, _, unit, _)| UnitEvent::Changed(unit)),
+        "PropertiesChanged" => unit_from_path(header.path()?.as_str()).map(UnitEvent::Changed),
+        "Reloading" => {
+            let active: bool = msg.body().deserialize().ok()?;
+            (!active).then_some(UnitEvent::Resync)
+        }
         _ => None,
     }
+}
+
+/// Matches the Manager's `Reloading(active)`.
+fn reloading_rule() -> zbus::Result<MatchRule<'static>> {
+    Ok(MatchRule::builder()
+        .msg_type(Type::Signal)
+        .sender(DESTINATION)?
+        .path(MANAGER_PATH)?
+        .interface(MANAGER)?
+        .member("Reloading")?
+        .build())
 }
 
 /// The unit name of a unit object path: systemd escapes every byte outside
@@ -744,16 +867,46 @@ fn cgroup_interface(unit: &str) -> Option<&'static str> {
 
 /// Builds the status from the `Unit` properties and the cgroup interface's.
 fn unit_status(unit_props: &Props, cgroup: &Props, unit: &str) -> Result<UnitStatus, BackendError> {
+    let optional_text =
+        |props: &Props, name: &str| props.get(name).map(|_| text(props, name, unit)).transpose();
     Ok(UnitStatus {
         load_state: text(unit_props, "LoadState", unit)?,
         active_state: ActiveState::parse(&text(unit_props, "ActiveState", unit)?),
         sub_state: text(unit_props, "SubState", unit)?,
+        freezer_state: optional_text(unit_props, "FreezerState")?,
         main_pid: number::<u32>(cgroup, "MainPID", unit)?.and_then(pid),
         active_enter_usec: number::<u64>(unit_props, "ActiveEnterTimestamp", unit)?
             .and_then(timestamp),
-        memory_current: number::<u64>(cgroup, "MemoryCurrent", unit)?.and_then(counter),
-        cpu_usage_nsec: number::<u64>(cgroup, "CPUUsageNSec", unit)?.and_then(counter),
-        tasks_current: number::<u64>(cgroup, "TasksCurrent", unit)?.and_then(counter),
+        result: optional_text(cgroup, "Result")?,
+        exit: process_exit(cgroup, unit)?,
+        n_restarts: number::<u32>(cgroup, "NRestarts", unit)?,
+        control_group: optional_text(cgroup, "ControlGroup")?.filter(|cg| !cg.is_empty()),
+    })
+}
+
+/// `CLD_EXITED`, `CLD_KILLED` and `CLD_DUMPED` of `ExecMainCode`.
+const CLD_EXITED: i32 = 1;
+const CLD_KILLED: i32 = 2;
+const CLD_DUMPED: i32 = 3;
+
+/// How the main process ended, from `ExecMainCode`/`ExecMainStatus`/
+/// `ExecMainExitTimestamp`; `None` while it has not.
+fn process_exit(service: &Props, unit: &str) -> Result<Option<ProcessExit>, BackendError> {
+    let code = number::<i32>(service, "ExecMainCode", unit)?.unwrap_or(0);
+    let status = number::<i32>(service, "ExecMainStatus", unit)?;
+    let at_usec = number::<u64>(service, "ExecMainExitTimestamp", unit)?.and_then(timestamp);
+    Ok(match code {
+        CLD_EXITED => Some(ProcessExit {
+            status,
+            signal: None,
+            at_usec,
+        }),
+        CLD_KILLED | CLD_DUMPED => Some(ProcessExit {
+            status: None,
+            signal: status,
+            at_usec,
+        }),
+        _ => None,
     })
 }
 
@@ -789,11 +942,6 @@ fn pid(value: u32) -> Option<u32> {
 /// A timestamp in µs: 0 is "never".
 fn timestamp(value: u64) -> Option<u64> {
     (value != 0).then_some(value)
-}
-
-/// A cgroup counter: `u64::MAX` is "not set" (no accounting).
-fn counter(value: u64) -> Option<u64> {
-    (value != u64::MAX).then_some(value)
 }
 
 #[cfg(test)]
@@ -857,9 +1005,15 @@ mod tests {
     fn running_service_has_every_fact() {
         let service = props(&[
             ("MainPID", OwnedValue::from(42_u32)),
-            ("MemoryCurrent", OwnedValue::from(1_048_576_u64)),
-            ("CPUUsageNSec", OwnedValue::from(5_000_u64)),
-            ("TasksCurrent", OwnedValue::from(3_u64)),
+            ("Result", s("signal")),
+            ("ExecMainCode", OwnedValue::from(2_i32)),
+            ("ExecMainStatus", OwnedValue::from(9_i32)),
+            (
+                "ExecMainExitTimestamp",
+                OwnedValue::from(1_600_000_000_000_000_u64),
+            ),
+            ("NRestarts", OwnedValue::from(3_u32)),
+            ("ControlGroup", s("/system.slice/u.service")),
         ]);
         let status = unit_status(
             &unit_props("active", "running", 1_700_000_000_000_000),
@@ -873,11 +1027,17 @@ mod tests {
                 load_state: "loaded".into(),
                 active_state: ActiveState::Active,
                 sub_state: "running".into(),
+                freezer_state: None,
                 main_pid: Some(42),
                 active_enter_usec: Some(1_700_000_000_000_000),
-                memory_current: Some(1_048_576),
-                cpu_usage_nsec: Some(5_000),
-                tasks_current: Some(3),
+                result: Some("signal".into()),
+                exit: Some(ProcessExit {
+                    status: None,
+                    signal: Some(9),
+                    at_usec: Some(1_600_000_000_000_000),
+                }),
+                n_restarts: Some(3),
+                control_group: Some("/system.slice/u.service".into()),
             }
         );
     }
@@ -886,18 +1046,16 @@ mod tests {
     fn sentinels_become_none() {
         let service = props(&[
             ("MainPID", OwnedValue::from(0_u32)),
-            ("MemoryCurrent", OwnedValue::from(u64::MAX)),
-            ("CPUUsageNSec", OwnedValue::from(u64::MAX)),
-            ("TasksCurrent", OwnedValue::from(u64::MAX)),
+            ("ExecMainCode", OwnedValue::from(0_i32)),
+            ("ControlGroup", s("")),
         ]);
         let status =
             unit_status(&unit_props("inactive", "dead", 0), &service, "u").expect("complete");
         assert_eq!(status.active_state, ActiveState::Inactive);
         assert_eq!(status.main_pid, None);
         assert_eq!(status.active_enter_usec, None);
-        assert_eq!(status.memory_current, None);
-        assert_eq!(status.cpu_usage_nsec, None);
-        assert_eq!(status.tasks_current, None);
+        assert_eq!(status.exit, None);
+        assert_eq!(status.control_group, None);
     }
 
     #[test]
@@ -909,7 +1067,7 @@ mod tests {
         )
         .expect("complete");
         assert_eq!(status.main_pid, None);
-        assert_eq!(status.tasks_current, None);
+        assert_eq!(status.n_restarts, None);
         assert_eq!(
             cgroup_interface("microvm@a.service"),
             Some("org.freedesktop.systemd1.Service")

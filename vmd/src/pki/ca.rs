@@ -4,9 +4,9 @@ use std::fmt;
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
-    SigningKey,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    PublicKeyData, SanType, SerialNumber, SigningKey,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::pem::PemObject;
@@ -345,7 +345,11 @@ impl CertificateAuthority {
         params.serial_number = Some(random_serial()?);
         params.distinguished_name = common_name_dn(common_name);
         params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
+        // An end entity: BasicConstraints present (critical) but empty, as
+        // DER requires for a default `cA FALSE`. rcgen's `ExplicitNoCa`
+        // encodes the default explicitly, which strict parsers refuse.
+        params.is_ca = IsCa::NoCa;
+        params.custom_extensions = vec![end_entity_basic_constraints()];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![eku];
         params.use_authority_key_identifier_extension = true;
@@ -393,6 +397,26 @@ impl CertificateAuthority {
             )
             .is_ok()
     }
+}
+
+/// BasicConstraints' object identifier (RFC 5280, 4.2.1.9).
+const BASIC_CONSTRAINTS_OID: &[u64] = &[2, 5, 29, 19];
+
+/// BasicConstraints of an end entity, critical, as DER has it: an empty
+/// SEQUENCE (`cA` is `DEFAULT FALSE`, so DER leaves it out).
+fn end_entity_basic_constraints() -> CustomExtension {
+    let mut ext = CustomExtension::from_oid_content(BASIC_CONSTRAINTS_OID, vec![0x30, 0x00]);
+    ext.set_criticality(true);
+    ext
+}
+
+/// Whether a certificate spells out BasicConstraints' default `cA FALSE`
+/// (what vmd's PKI wrote before): not DER, refused by strict parsers.
+pub(super) fn encodes_default_basic_constraints(cert: &X509Certificate<'_>) -> bool {
+    cert.extensions().iter().any(|ext| {
+        ext.oid == x509_parser::oid_registry::OID_X509_EXT_BASIC_CONSTRAINTS
+            && ext.value == [0x30, 0x03, 0x01, 0x01, 0x00]
+    })
 }
 
 /// A distinguished name holding only a common name.

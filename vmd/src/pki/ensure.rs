@@ -392,6 +392,11 @@ fn cert_problem(
     if summary.is_ca {
         return Some("certificate is a CA certificate".to_owned());
     }
+    if super::ca::encodes_default_basic_constraints(&x509) {
+        return Some(
+            "certificate is not strict DER (explicit BasicConstraints cA FALSE)".to_owned(),
+        );
+    }
     if summary.not_before > now {
         return Some(format!(
             "certificate is not valid before {}",

@@ -632,3 +632,49 @@ fn commands_are_idempotent_and_keep_keys() {
     .unwrap_err();
     assert!(err.to_string().contains("server.key"), "{err}");
 }
+
+#[test]
+fn leaves_in_the_old_encoding_are_reissued_in_strict_der() {
+    let (_tmp, layout) = dev_pki();
+    let admin = dev_admin();
+    let fresh = std::fs::read(layout.client_cert(&admin)).unwrap();
+    let der = CertificateDer::from_pem_slice(&fresh).unwrap();
+    let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert!(!ca::encodes_default_basic_constraints(&x509));
+    assert!(
+        x509.basic_constraints()
+            .unwrap()
+            .is_some_and(|bc| bc.critical && !bc.value.ca),
+        "an end entity, marked as one"
+    );
+
+    // What vmd's PKI wrote before: BasicConstraints spelling out cA FALSE.
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(layout.ca_key()).unwrap()).unwrap();
+    let ca_pem = std::fs::read_to_string(layout.ca_cert()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key_pem = std::fs::read_to_string(layout.client_key(&admin)).unwrap();
+    let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["dev-admin".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let old = params.signed_by(&key, &issuer).unwrap();
+    let (_, x509) = x509_parser::parse_x509_certificate(old.der()).unwrap();
+    assert!(ca::encodes_default_basic_constraints(&x509));
+    std::fs::write(layout.client_cert(&admin), old.pem()).unwrap();
+
+    let report = ensure(&layout, &EnsureSpec::dev()).unwrap();
+    assert_eq!(report.renewed, vec![layout.client_cert(&admin)]);
+    let renewed = std::fs::read(layout.client_cert(&admin)).unwrap();
+    let der = CertificateDer::from_pem_slice(&renewed).unwrap();
+    let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert!(!ca::encodes_default_basic_constraints(&x509));
+    assert_eq!(
+        std::fs::read_to_string(layout.client_key(&admin)).unwrap(),
+        key_pem
+    );
+    assert!(client_verifies(
+        &layout.ca_cert(),
+        &layout.client_cert(&admin)
+    ));
+}

@@ -8,7 +8,13 @@
 //!    a description. Per VM, a value in the file overrides discovery;
 //!    discovery covers VMs the file omits.
 //! 3. Defaults fill the rest: unit `microvm@<name>.service`, and for QEMU
-//!    the QMP socket `<state_dir>/<name>/<name>.sock`.
+//!    the shared QMP socket `<state_dir>/<name>/<name>.sock` and vmd's own
+//!    monitor `<state_dir>/<name>/vmd-qmp.sock` (the NixOS module adds it
+//!    to each QEMU VM; a VM without it is served over the shared socket).
+//! 4. Resources as declared come from microvm.nix's files of the runner
+//!    the VM booted (`booted`, else `current`): `tap-interfaces` (an id a
+//!    line), `macvtap-interfaces` (`id mac link mode`), `virtiofs/<tag>/
+//!    source`, `pci-devices` and `usb-devices` (a path a line).
 //!
 //! ```toml
 //! [vm.gui-vm]
@@ -20,19 +26,20 @@
 //! max_memory_mib = 4096
 //! vsock_cid = 3
 //! control_socket = "/var/lib/microvms/gui-vm/gui-vm.sock"
+//! monitor_socket = "/var/lib/microvms/gui-vm/vmd-qmp.sock"  # vmd's own QMP monitor
 //! vsock_uds = "/var/lib/microvms/gui-vm/vsock.sock"   # hybrid vsock (host side)
 //! unit = "microvm@gui-vm.service"
 //! protected = false
 //! ```
 //!
-//! Nothing is cached: the host's declarations can change at any time (a
-//! rebuild), and reading a few small files per request costs microseconds.
+//! The live model reads the inventory at start and on reload (`SIGHUP`,
+//! `vmd reload`); the NixOS module restarts vmd when it changes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use vmd_proto::{Bytes, Cid, Hypervisor, VmName};
+use vmd_proto::{Bytes, Cid, Hypervisor, NetInterface, Resources, Share, VmName};
 
 /// Where microvm.nix keeps its VMs.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/microvms";
@@ -102,8 +109,15 @@ pub struct VmSpec {
     pub max_memory: Option<Bytes>,
     /// The guest's vsock CID.
     pub vsock_cid: Option<Cid>,
-    /// The hypervisor's control socket, if it has one vmd can speak to.
+    /// The hypervisor's shared control socket, if it has one vmd can
+    /// speak to.
     pub control_socket: Option<PathBuf>,
+    /// vmd's own monitor socket (QEMU), held for the VM's life.
+    pub monitor_socket: Option<PathBuf>,
+    /// microvm.nix's directory of the VM (`booted`, `current`), if any.
+    pub dir: Option<PathBuf>,
+    /// Network interfaces, shares and devices as declared.
+    pub resources: Resources,
     /// The host side of the VM's hybrid vsock device (cloud-hypervisor,
     /// Firecracker, vhost-device-vsock): vmd listens on `<vsock_uds>_<port>`.
     pub vsock_uds: Option<PathBuf>,
@@ -133,6 +147,7 @@ struct FileVm {
     max_memory_mib: Option<u64>,
     vsock_cid: Option<u32>,
     control_socket: Option<PathBuf>,
+    monitor_socket: Option<PathBuf>,
     vsock_uds: Option<PathBuf>,
     unit: Option<String>,
     protected: Option<bool>,
@@ -206,14 +221,18 @@ impl InventorySource {
             .as_deref()
             .or(found.hypervisor.as_deref())
             .map(parse_hypervisor);
-        let control_socket = d.control_socket.clone().or_else(|| {
-            // microvm.nix gives QEMU a QMP socket named after the VM.
-            (hypervisor == Some(Hypervisor::Qemu)).then(|| {
-                self.state_dir
-                    .join(name.as_str())
-                    .join(format!("{name}.sock"))
-            })
-        });
+        let qemu = hypervisor == Some(Hypervisor::Qemu);
+        let dir = self.state_dir.join(name.as_str());
+        // microvm.nix gives QEMU a QMP socket named after the VM.
+        let control_socket = d
+            .control_socket
+            .clone()
+            .or_else(|| qemu.then(|| dir.join(format!("{name}.sock"))));
+        let monitor_socket = d
+            .monitor_socket
+            .clone()
+            .or_else(|| qemu.then(|| dir.join(MONITOR_SOCKET)));
+        let resources = declared_resources(&dir);
         let mib = |m: Option<u64>| m.map(Bytes::mib);
         VmSpec {
             description: d.description.clone(),
@@ -224,6 +243,9 @@ impl InventorySource {
             max_memory: mib(d.max_memory_mib),
             vsock_cid: d.vsock_cid.or(found.vsock_cid).map(Cid),
             control_socket,
+            monitor_socket,
+            dir: dir.is_dir().then_some(dir),
+            resources,
             vsock_uds: d.vsock_uds.clone(),
             unit: d
                 .unit
@@ -290,6 +312,79 @@ impl InventorySource {
             vsock_cid: read("vsock-cid").and_then(|c| c.parse().ok()),
         })
     }
+}
+
+/// The file name of vmd's own monitor socket in a VM's directory.
+pub const MONITOR_SOCKET: &str = "vmd-qmp.sock";
+
+/// The runner the VM booted, else the current one.
+fn runner_share(dir: &Path) -> PathBuf {
+    let booted = dir.join("booted/share/microvm");
+    if booted.is_dir() {
+        booted
+    } else {
+        dir.join("current/share/microvm")
+    }
+}
+
+/// What microvm.nix declares the VM uses (module docs, step 4).
+pub fn declared_resources(dir: &Path) -> Resources {
+    let share = runner_share(dir);
+    let lines = |file: &str| -> Vec<String> {
+        read_small(&share.join(file))
+            .map(|text| {
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut interfaces: Vec<NetInterface> = lines("tap-interfaces")
+        .into_iter()
+        .map(|name| NetInterface {
+            name,
+            kind: "tap".into(),
+            mac: None,
+        })
+        .collect();
+    interfaces.extend(lines("macvtap-interfaces").into_iter().filter_map(|line| {
+        let mut fields = line.split_whitespace();
+        Some(NetInterface {
+            name: fields.next()?.to_owned(),
+            kind: "macvtap".into(),
+            mac: fields.next().map(str::to_owned),
+        })
+    }));
+    let mut shares: Vec<Share> = std::fs::read_dir(share.join("virtiofs"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            Some(Share {
+                tag: entry.file_name().to_str()?.to_owned(),
+                source: read_small(&entry.path().join("source"))?,
+            })
+        })
+        .collect();
+    shares.sort_by(|a, b| a.tag.cmp(&b.tag));
+    Resources {
+        interfaces,
+        shares,
+        pci_devices: lines("pci-devices"),
+        usb_devices: lines("usb-devices"),
+        runtime_devices: None,
+    }
+}
+
+/// Whether the VM runs an older configuration than the host installed:
+/// `booted` and `current` name different runners. `None` where either
+/// link is missing (not a microvm.nix VM, or never booted).
+pub fn restart_needed(dir: &Path) -> Option<bool> {
+    let booted = std::fs::canonicalize(dir.join("booted")).ok()?;
+    let current = std::fs::canonicalize(dir.join("current")).ok()?;
+    Some(booted != current)
 }
 
 /// A small text file, trimmed; `None` if absent or unreadable.

@@ -310,6 +310,13 @@ async fn run(args: Args) -> Result<(), Failure> {
             started.elapsed().as_millis()
         );
     }
+    if client.welcome().role.is_none() {
+        // vmd closes such a session after its Welcome: say why, not "closed".
+        return Err(Failure::Server(format!(
+            "the server grants this certificate ({}) no rights",
+            client.welcome().identity
+        )));
+    }
     let fail = |e: ClientError| match e {
         ClientError::Server(_) => Failure::Server(error_chain(&e)),
         e => Failure::Connect(error_chain(&e)),
