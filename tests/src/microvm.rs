@@ -23,7 +23,8 @@
 //!    (relative to the working directory, as microvm.nix's default
 //!    `microvm.socket` is), and, for VMs declared with vmd's monitor, a
 //!    second `-qmp unix:<state>/<name>/vmd-qmp.sock,server=on,wait=off`
-//!    (what vmd's NixOS module adds through `microvm.qemu.extraArgs`).
+//!    (what vmd's NixOS module adds through `microvm.qemu.extraArgs`);
+//!    vmd's inventory names it (`monitor_socket`).
 //! 4. `microvm-shutdown` is microvm.nix's in shape: it negotiates and
 //!    presses a button through `socat` on the main socket and holds that
 //!    connection until QEMU exits. microvm.nix presses Ctrl+Alt+Delete
@@ -220,7 +221,7 @@ impl MicrovmHost {
             std::fs::create_dir_all(host.state_dir().join(vm.name)).expect("VM state directory");
             let runner = host.write_runner(vm, cid, 1).expect("runner");
             host.link_current(vm.name, &runner).expect("current link");
-            let _ = writeln!(
+            let _ = write!(
                 inventory,
                 "[vm.{name}]\nvcpus = 1\nmax_vcpus = 4\nmemory_mib = 256\nmax_memory_mib = 256\n\
                  protected = {protected}\ndescription = \"test VM {name}\"\n\
@@ -229,6 +230,15 @@ impl MicrovmHost {
                 protected = vm.protected,
                 socket = host.socket(vm.name).display(),
             );
+            if vm.monitor {
+                // What vmd's NixOS module writes next to the extraArgs.
+                let _ = writeln!(
+                    inventory,
+                    "monitor_socket = \"{}\"",
+                    host.monitor_socket(vm.name).display()
+                );
+            }
+            inventory.push('\n');
         }
         std::fs::write(host.inventory(), inventory).expect("inventory");
         host
