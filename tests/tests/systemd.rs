@@ -80,7 +80,8 @@ async fn show(container: &SystemdContainer, unit: &str) -> HashMap<String, Strin
             "show",
             "--timestamp=unix",
             "--property=LoadState,ActiveState,SubState,MainPID,ActiveEnterTimestamp,\
-             CPUUsageNSec,TasksCurrent,MemoryCurrent,Wants",
+             CPUUsageNSec,TasksCurrent,MemoryCurrent,Wants,NRestarts,Result,ControlGroup,\
+             FreezerState",
             unit,
         ])
         .await;
