@@ -103,6 +103,9 @@ pub struct DeclaredVm {
     /// QEMU's arguments before the QMP sockets (default
     /// [`DEFAULT_ARGS`]); `-name` is always first.
     pub qemu_args: Option<Vec<String>>,
+    /// A socket vmd's inventory names as the VM's control socket instead
+    /// of its real main socket (one that never answers, for fault tests).
+    pub inventory_control_socket: Option<PathBuf>,
 }
 
 impl DeclaredVm {
@@ -118,6 +121,7 @@ impl DeclaredVm {
             powerdown_delay: DEFAULT_POWERDOWN_DELAY,
             resources: DeclaredResources::default(),
             qemu_args: None,
+            inventory_control_socket: None,
         }
     }
 
@@ -228,7 +232,11 @@ impl MicrovmHost {
                  control_socket = \"{socket}\"\n",
                 name = vm.name,
                 protected = vm.protected,
-                socket = host.socket(vm.name).display(),
+                socket = vm
+                    .inventory_control_socket
+                    .clone()
+                    .unwrap_or_else(|| host.socket(vm.name))
+                    .display(),
             );
             if vm.monitor {
                 // What vmd's NixOS module writes next to the extraArgs.

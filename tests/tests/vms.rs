@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use vmd_client::{Client, ClientError};
 use vmd_proto::{ErrorReply, OperationStatus, VmName, VmState};
+use vmd_tests::microvm::DeclaredVm;
 use vmd_tests::rig::{AUTO, COLD, GUARDED, MicrovmRig};
 
 /// The three-VM rig (autostarted, stopped, protected) with `adjust` applied
@@ -254,25 +255,38 @@ async fn faults_are_reported_not_hung() {
             held.push(stream);
         }
     });
-    let rig = rig(|c| c.vms.qmp_timeout = Duration::from_secs(2)).await;
-    let inventory = std::fs::read_to_string(rig.host.inventory()).expect("inventory");
-    std::fs::write(
-        rig.host.inventory(),
-        inventory.replace(
-            &rig.host.socket(AUTO).display().to_string(),
-            &mute_socket.display().to_string(),
-        ),
+    // It has no monitor of vmd's own (a hand-made host), so changes need
+    // that socket.
+    let rig = MicrovmRig::with_vms(
+        &[
+            DeclaredVm {
+                inventory_control_socket: Some(mute_socket.clone()),
+                ..DeclaredVm::new(AUTO).autostart().without_monitor()
+            },
+            DeclaredVm::new(COLD),
+            DeclaredVm::new(GUARDED).autostart().protected(),
+        ],
+        |c| c.vms.qmp_timeout = Duration::from_secs(2),
     )
-    .expect("rewrite inventory");
+    .await;
     let client = rig.server.client("admin").await;
 
-    // The mute socket: the operation ends with Timeout.
-    let op = client.pause(&vm(AUTO)).await.expect("accepted");
-    let done = client.wait_operation(op.id, 60_000).await.expect("wait");
-    assert_eq!(
-        done.status,
-        OperationStatus::Failed(ErrorReply::Timeout),
-        "{done:?}"
+    // The mute socket: the change ends in an error that says why (refused
+    // at once, or accepted and failed within vmd's bound), never a hang.
+    let reason = match client.pause(&vm(AUTO)).await {
+        Err(ClientError::Server(e)) => e,
+        Err(e) => panic!("pause: {e}"),
+        Ok(op) => {
+            let done = client.wait_operation(op.id, 60_000).await.expect("wait");
+            match done.status {
+                OperationStatus::Failed(e) => e,
+                other => panic!("a pause through a mute socket: {other:?}"),
+            }
+        }
+    };
+    assert!(
+        matches!(reason, ErrorReply::Timeout | ErrorReply::Unavailable { .. }),
+        "{reason:?}"
     );
     holder.abort();
 
