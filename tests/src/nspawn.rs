@@ -258,6 +258,26 @@ impl SystemdContainer {
         self.leader.expect("a booted container knows its PID 1")
     }
 
+    /// Where the container's systemd's `ControlGroup` paths are rooted in
+    /// this host's unified cgroup hierarchy (what vmd's `cgroup_root` is on
+    /// a host whose systemd is PID 1: `/sys/fs/cgroup`). `None` when the
+    /// container does not run on cgroup2.
+    pub fn cgroup_root(&self) -> Option<PathBuf> {
+        let own = std::fs::read_to_string(format!("/proc/{}/cgroup", self.leader())).ok()?;
+        let path = own.lines().find_map(|line| line.strip_prefix("0::"))?;
+        let mount = cgroup_mounts()
+            .into_iter()
+            .find(|m| m.version == CgroupVersion::Unified)?
+            .mount_point;
+        let dir = mount.join(path.trim_start_matches('/'));
+        // The container's PID 1 sits in `init.scope` under its root.
+        Some(if dir.ends_with("init.scope") {
+            dir.parent()?.to_owned()
+        } else {
+            dir
+        })
+    }
+
     /// How long the boot took, from spawning nspawn until systemd said
     /// `running`.
     pub fn boot_time(&self) -> Duration {

@@ -65,7 +65,9 @@ async fn vmctl_watch_prints_the_vms_then_their_changes() {
         (&first["name"], &first["state"]),
         (&COLD.into(), &"Stopped".into())
     );
-    rig.vmctl_ok(&["start", COLD]).await;
+    // --wait: the start ends once vmd's monitor has the VM's live facts,
+    // which the next watch's first line shows.
+    rig.vmctl_ok(&["start", "--wait", COLD]).await;
     loop {
         let line = next_json(&mut lines)
             .await

@@ -238,7 +238,11 @@ async fn watches_resubscribe_after_the_bus_returns() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     rig.container.stop_bus().await;
     let event = pending.await.expect("task").expect("watch");
-    assert!(event.snapshot, "lost signals answer a snapshot: {event:?}");
+    // Lost signals: every VM's unit state is unknown now, and says so.
+    assert!(
+        event.changed.iter().all(|i| i.state == VmState::Unknown),
+        "lost signals make the states unknown: {event:?}"
+    );
     assert_eq!(names(&event), [GUI, NET]);
 
     rig.container.start_bus().await;

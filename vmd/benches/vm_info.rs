@@ -60,6 +60,7 @@ fn usage() -> Usage {
         cpu_ns: Some(123_456_789_000),
         memory: Some(2100 << 20),
         tasks: Some(9),
+        frozen: Some(false),
     }
 }
 

@@ -5,7 +5,10 @@
 //! a bus round trip and systemd's CPU. The kernel keeps the same numbers in
 //! the unit's cgroup (v2, the unified hierarchy): `cpu.stat`'s
 //! `usage_usec`, `memory.current` and `pids.current`. Reading them is a few
-//! small local files per VM and wakes no other process.
+//! small local files per VM and wakes no other process. `cgroup.events`
+//! also tells whether the unit is frozen: systemd up to v255 sends no
+//! signal when someone else freezes a unit (systemd issue 31115), so a
+//! read shows it even where no `Watch` was woken.
 //!
 //! On a hybrid host (cgroup v1 controllers, v2 mounted at
 //! `/sys/fs/cgroup/unified` without the memory controller) `memory.current`
@@ -27,6 +30,8 @@ pub struct Usage {
     pub memory: Option<u64>,
     /// Tasks (threads) in it.
     pub tasks: Option<u64>,
+    /// Its processes are frozen (`cgroup.events` `frozen 1`).
+    pub frozen: Option<bool>,
 }
 
 /// The unified cgroup hierarchy vmd reads units' usage from.
@@ -76,10 +81,14 @@ impl Cgroups {
         let tasks = read(&dir.join("pids.current"))
             .and_then(|text| text.trim().parse().ok())
             .or_else(|| read(&dir.join("cgroup.threads")).map(|t| t.lines().count() as u64));
+        let frozen = read(&dir.join("cgroup.events"))
+            .and_then(|text| field(&text, "frozen"))
+            .map(|f| f == 1);
         Usage {
             cpu_ns,
             memory,
             tasks,
+            frozen,
         }
     }
 
@@ -142,6 +151,7 @@ mod tests {
         );
         write(&cg.join("memory.current"), "4096\n");
         write(&cg.join("pids.current"), "3\n");
+        write(&cg.join("cgroup.events"), "populated 1\nfrozen 1\n");
         let cgroups = Cgroups::at(Some(dir.path().to_owned()));
         assert_eq!(
             cgroups.usage("/system.slice/microvm@a.service"),
@@ -149,6 +159,7 @@ mod tests {
                 cpu_ns: Some(1_500_000),
                 memory: Some(4096),
                 tasks: Some(3),
+                frozen: Some(true),
             }
         );
     }

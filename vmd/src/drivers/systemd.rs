@@ -348,19 +348,16 @@ impl Systemd {
         Ok(statuses)
     }
 
-    /// [`Units::wants`]: the target's `Wants`; nothing for a target
-    /// systemd has not loaded.
+    /// [`Units::wants`]: the target's `Wants`; nothing for a target that
+    /// does not exist. The target (not a VM's unit, and read only when vmd
+    /// syncs) is loaded to read it: its `Wants` come from its unit files.
     async fn wants_of(&self, target: &str) -> Result<Vec<String>, BackendError> {
         let conn = self.connection().await?;
-        let reply = match self
-            .call(&conn, MANAGER_PATH, MANAGER, "GetUnit", &target, target)
-            .await
-        {
-            Ok(reply) => reply,
-            Err(Fault::NoSuchUnit) => return Ok(Vec::new()),
-            Err(fault) => return Err(self.error(fault, "GetUnit", target)),
+        let path = match self.unit_path(&conn, target).await {
+            Ok(path) => path,
+            Err(BackendError::NoSuchUnit(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
         };
-        let path: OwnedObjectPath = decode(&reply, "GetUnit", target)?;
         let wants = self
             .property(&conn, path.as_str(), UNIT, "Wants", target)
             .await?;

@@ -27,7 +27,7 @@ use tracing::{Instrument, info, info_span, warn};
 use vmd_proto::{Bytes, ErrorReply, Hypervisor, OperationInfo, OperationKind, VmName, VmState};
 
 use super::model::Record;
-use super::{VmError, VmService, vm_state};
+use super::{VmError, VmService};
 use crate::audit;
 use crate::drivers::{ActiveState, BackendError, Control, LiveState};
 
@@ -189,13 +189,20 @@ impl VmService {
     /// goes (step 4).
     async fn check(&self, record: &Record, change: &Change) -> Result<Way, VmError> {
         let name = &record.spec.name;
-        let Some(unit) = &record.facts.unit else {
-            return Err(VmError::Backend(BackendError::Unavailable(
-                "systemd (its state of the VM is not known right now)".into(),
-            )));
+        let fresh;
+        let unit = match &record.facts.unit {
+            Some(unit) => unit,
+            None => {
+                // systemd was out of reach: ask it now (a change may wait
+                // on the bus; a read never does), and if it answers, have
+                // the follower subscribe again at once.
+                fresh = self.inner.units.status(&record.spec.unit).await?;
+                self.inner.resubscribe.notify_one();
+                &fresh
+            }
         };
         let running = unit.is_active();
-        let state = vm_state(record);
+        let state = self.state_now(record);
         match change {
             Change::Start if running || unit.active_state == ActiveState::Activating => {
                 return Err(VmError::Invalid(format!("{name} is already running")));
@@ -352,9 +359,18 @@ impl VmService {
             Change::Restart => d.restart,
             _ => d.control,
         } + Duration::from_secs(5);
-        tokio::time::timeout(cap, work)
+        let result = tokio::time::timeout(cap, work)
             .await
-            .unwrap_or_else(|_| Err(VmError::Backend(BackendError::Timeout(unit.to_owned()))))
+            .unwrap_or_else(|_| Err(VmError::Backend(BackendError::Timeout(unit.to_owned()))));
+        if matches!(way, Way::Unit | Way::Freezer) {
+            // What systemd says now, before the operation ends: a client
+            // that saw it succeed reads the new state (the follower's
+            // signal may come a moment later).
+            if let Ok(status) = units.status(unit).await {
+                self.apply_unit(&record.spec.name, status);
+            }
+        }
+        result
     }
 
     /// After a start, waits until the model has the hypervisor's live

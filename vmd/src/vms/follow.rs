@@ -93,7 +93,16 @@ impl VmService {
                     service.lost_systemd();
                     pause = Duration::from_millis(500);
                 }
-                tokio::time::sleep(pause).await;
+                let Some(service) = Self::from_weak(&weak) else {
+                    return;
+                };
+                let inner = Arc::clone(&service.inner);
+                drop(service);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = inner.resubscribe.notified() => {}
+                }
+                drop(inner);
                 pause = (pause * 2).min(MAX_RESUBSCRIBE_PAUSE);
                 let Some(service) = Self::from_weak(&weak) else {
                     return;
@@ -393,7 +402,15 @@ async fn attach(weak: Weak<Inner>, name: VmName) {
             }
         }
         let shared = record.spec.control_socket.as_deref().filter(|s| s.exists());
-        let waited = began.elapsed();
+        // A VM that has run for a while (vmd started after it) will not
+        // open a monitor socket now.
+        let running_for = record
+            .facts
+            .unit
+            .as_ref()
+            .and_then(|u| u.active_enter_usec)
+            .map(|since| Duration::from_micros(super::now_usec().saturating_sub(since)));
+        let waited = began.elapsed().max(running_for.unwrap_or_default());
         let give_up = waited >= MONITOR_PATIENCE
             || (waited >= NO_MONITOR_AFTER
                 && shared.is_some()

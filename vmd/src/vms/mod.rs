@@ -40,6 +40,9 @@ use watch::{Changed, Changes};
 /// Live facts older than this are refreshed in the background when read.
 pub const REFRESH_AFTER: Duration = Duration::from_secs(2);
 
+/// How long start-up waits for running VMs' live facts.
+const START_SETTLE: Duration = Duration::from_secs(5);
+
 /// A VM request could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -94,6 +97,9 @@ struct Inner {
     /// Numbers monitor attaches, so a closed monitor's late events are
     /// told from the current one's.
     epochs: AtomicU64,
+    /// Wakes the follower's pause before subscribing again (a change found
+    /// systemd reachable).
+    resubscribe: tokio::sync::Notify,
 }
 
 impl VmService {
@@ -117,6 +123,7 @@ impl VmService {
                 model: Model::new(),
                 follower: Mutex::new(None),
                 epochs: AtomicU64::new(0),
+                resubscribe: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -142,7 +149,30 @@ impl VmService {
     pub async fn start(&self) -> Result<(), VmError> {
         self.inner.model.declare(self.inner.inventory.load()?);
         self.follow().await;
+        self.settle(START_SETTLE).await;
         Ok(())
+    }
+
+    /// Waits (woken by the model, at most `bound`) until every running
+    /// QEMU VM has its live facts or vmd has given up asking, so the first
+    /// answers after start are complete.
+    async fn settle(&self, bound: Duration) {
+        let mut wake = self.changes().subscribe();
+        let work = async {
+            loop {
+                wake.borrow_and_update();
+                let pending = self.inner.model.select(|_| true).into_iter().any(|r| {
+                    r.is_active() && r.facts.live.is_none() && (r.attaching || r.refreshing)
+                });
+                if !pending {
+                    return;
+                }
+                if wake.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(bound, work).await;
     }
 
     /// After a reload: reads the inventory again and follows the units it
@@ -233,17 +263,26 @@ impl VmService {
         {
             self.refresh(&record.spec.name);
         }
-        let usage = match (&record.facts.unit, record.is_active()) {
+        let mut info = vm_info(record, self.usage(record), now_usec());
+        info.pending = self.inner.ops.pending(&record.spec.name, viewer);
+        info
+    }
+
+    /// What the unit's cgroup says now, while it runs.
+    fn usage(&self, record: &Record) -> Usage {
+        match (&record.facts.unit, record.is_active()) {
             (Some(unit), true) => unit
                 .control_group
                 .as_deref()
                 .map(|cg| self.inner.cgroups.usage(cg))
                 .unwrap_or_default(),
             _ => Usage::default(),
-        };
-        let mut info = vm_info(record, usage, now_usec());
-        info.pending = self.inner.ops.pending(&record.spec.name, viewer);
-        info
+        }
+    }
+
+    /// The state now, with the cgroup's word on freezing.
+    pub(crate) fn state_now(&self, record: &Record) -> VmState {
+        state_with(record, self.usage(record).frozen)
     }
 
     /// `Watch`: the VMs in `visible` (and in `only`, unless empty) that
@@ -334,16 +373,22 @@ fn now_usec() -> u64 {
 
 /// The state a human reads, from systemd's view and the hypervisor's.
 pub fn vm_state(record: &Record) -> VmState {
+    state_with(record, None)
+}
+
+/// As [`vm_state`]; `cgroup_frozen` is the kernel's word, read now.
+fn state_with(record: &Record, cgroup_frozen: Option<bool>) -> VmState {
     let Some(unit) = &record.facts.unit else {
         return VmState::Unknown;
     };
     if unit.load_state == "not-found" {
         return VmState::Unknown;
     }
-    let frozen = matches!(
-        unit.freezer_state.as_deref(),
-        Some("frozen" | "freezing" | "freezing-by-parent" | "frozen-by-parent")
-    );
+    let frozen = cgroup_frozen.unwrap_or(false)
+        || matches!(
+            unit.freezer_state.as_deref(),
+            Some("frozen" | "freezing" | "freezing-by-parent" | "frozen-by-parent")
+        );
     match unit.active_state {
         ActiveState::Active | ActiveState::Reloading if frozen => VmState::Frozen,
         ActiveState::Active | ActiveState::Reloading => {
@@ -393,7 +438,7 @@ pub fn vm_info(record: &Record, usage: Usage, now_usec: u64) -> VmInfo {
         name: spec.name.clone(),
         description: spec.description.clone(),
         hypervisor: spec.hypervisor.clone(),
-        state: vm_state(record),
+        state: state_with(record, usage.frozen),
         autostart: facts.autostart,
         protected: spec.protected,
         vsock_cid: spec.vsock_cid,
@@ -424,7 +469,10 @@ pub fn vm_info(record: &Record, usage: Usage, now_usec: u64) -> VmInfo {
                 active_state_name(&u.active_state).to_owned()
             },
             sub_state: u.sub_state.clone(),
-            freezer_state: u.freezer_state.clone(),
+            freezer_state: match usage.frozen {
+                Some(true) => Some("frozen".to_owned()),
+                _ => u.freezer_state.clone(),
+            },
             age_ms: age_ms(record.unit_at),
         }),
         run_state: live

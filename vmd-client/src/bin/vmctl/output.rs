@@ -144,8 +144,9 @@ pub(crate) fn vm_table(vms: &[VmInfo]) -> String {
         "CID",
         "HYPERVISOR",
         "AUTOSTART",
+        "RESTART",
     ];
-    let rows: Vec<[String; 7]> = vms
+    let rows: Vec<[String; 8]> = vms
         .iter()
         .map(|vm| {
             [
@@ -156,6 +157,7 @@ pub(crate) fn vm_table(vms: &[VmInfo]) -> String {
                 or_dash(vm.vsock_cid),
                 or_dash(vm.hypervisor.as_ref()),
                 or_dash(vm.autostart.map(|a| if a { "yes" } else { "no" })),
+                restart(vm),
             ]
         })
         .collect();
@@ -221,8 +223,103 @@ pub(crate) fn vm_details(vm: &VmInfo) -> String {
         ),
         ("Tasks", or_dash(vm.tasks)),
         ("Pending", pending(vm)),
+        (
+            "Unit",
+            or_dash(vm.unit.as_ref().map(|u| {
+                let frozen = u
+                    .freezer_state
+                    .as_deref()
+                    .filter(|f| *f != "running")
+                    .map(|f| format!(", {f}"))
+                    .unwrap_or_default();
+                format!("{} ({}/{}{frozen})", u.name, u.active_state, u.sub_state)
+            })),
+        ),
+        ("Run state", or_dash(vm.run_state.as_ref())),
+        ("Live facts", live_facts(vm)),
+        ("Last exit", or_dash(vm.last_exit.as_ref().map(last_exit))),
+        ("Restarts", or_dash(vm.restarts)),
+        ("Restart needed", restart(vm)),
+        (
+            "Interfaces",
+            list_or_dash(vm.resources.interfaces.iter().map(|i| match &i.mac {
+                Some(mac) => format!("{} ({}, {mac})", i.name, i.kind),
+                None => format!("{} ({})", i.name, i.kind),
+            })),
+        ),
+        (
+            "Shares",
+            list_or_dash(
+                vm.resources
+                    .shares
+                    .iter()
+                    .map(|s| format!("{} <- {}", s.tag, s.source)),
+            ),
+        ),
+        (
+            "PCI devices",
+            list_or_dash(vm.resources.pci_devices.iter().cloned()),
+        ),
+        (
+            "USB devices",
+            list_or_dash(vm.resources.usb_devices.iter().cloned()),
+        ),
+        (
+            "Devices now",
+            or_dash(
+                vm.resources
+                    .runtime_devices
+                    .as_ref()
+                    .map(|d| list_or_dash(d.iter().map(|d| format!("{} ({})", d.id, d.driver)))),
+            ),
+        ),
     ];
     pairs(&rows)
+}
+
+/// Whether the VM needs a restart for a newer configuration.
+pub(crate) fn restart(vm: &VmInfo) -> String {
+    or_dash(vm.restart_needed.map(|r| if r { "needed" } else { "no" }))
+}
+
+/// Where the live facts came from and how old they are.
+fn live_facts(vm: &VmInfo) -> String {
+    let source = match vm.live.source {
+        vmd_proto::LiveSource::None => return or_dash(vm.live.note.as_ref()),
+        vmd_proto::LiveSource::Monitor => "vmd's monitor",
+        vmd_proto::LiveSource::SharedSocket => "shared control socket",
+    };
+    let age = vm
+        .live
+        .age_ms
+        .map(|ms| format!(", {:.1}s old", ms as f64 / 1000.0))
+        .unwrap_or_default();
+    let note = vm
+        .live
+        .note
+        .as_ref()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    format!("{source}{age}{note}")
+}
+
+/// `signal 9 (signal) at …`, `exit 1 (exit-code)`.
+fn last_exit(exit: &vmd_proto::LastExit) -> String {
+    let how = match (exit.signal, exit.exit_status) {
+        (Some(signal), _) => format!("signal {signal}"),
+        (None, Some(status)) => format!("exit {status}"),
+        (None, None) => "ended".to_owned(),
+    };
+    format!("{how} ({})", exit.result)
+}
+
+fn list_or_dash(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(", ")
+    }
 }
 
 /// A VM's change in progress: `start (op-3)`, or `-`.

@@ -190,6 +190,7 @@ impl View {
                         entry.cpu_percent.map(|p| format!("{p:.1}")),
                     )),
                     Cell::from(output::or_dash(uptime.map(output::duration))),
+                    Cell::from(output::restart(vm)),
                     Cell::from(output::pending(vm)),
                 ])
             })
@@ -213,7 +214,7 @@ impl View {
             title,
         );
         let header = Row::new([
-            "NAME", "STATE", "VCPUS", "MEMORY", "BALLOON", "CPU%", "UPTIME", "PENDING",
+            "NAME", "STATE", "VCPUS", "MEMORY", "BALLOON", "CPU%", "UPTIME", "RESTART", "PENDING",
         ])
         .style(Style::default().add_modifier(Modifier::REVERSED));
         let widths = [
@@ -224,6 +225,7 @@ impl View {
             Constraint::Length(10),
             Constraint::Length(6),
             Constraint::Length(8),
+            Constraint::Length(7),
             Constraint::Min(10),
         ];
         let rows = self.rows(Instant::now());
