@@ -154,6 +154,55 @@ impl GuestAssets {
     }
 }
 
+/// The part of [`GuestAssets`] a guest needs that only runs its kernel's
+/// drivers (a balloon that gives memory back): the kernel, its modules
+/// and busybox, without the static workspace binaries or
+/// `vhost-device-vsock`. Cached in the same place.
+#[derive(Clone, Debug)]
+pub struct GuestKernel {
+    /// The uncompressed ELF kernel (PVH boot).
+    pub kernel: PathBuf,
+    /// The directory of `<module>.ko` files ([`MODULES`], [`EXTRA_MODULES`]).
+    pub modules: PathBuf,
+    /// A static busybox.
+    pub busybox: PathBuf,
+}
+
+impl GuestKernel {
+    /// Makes sure the kernel, its modules and busybox are in the cache
+    /// (fetched once per cache with apt, as [`GuestAssets::ensure`] does).
+    ///
+    /// # Panics
+    /// If any of them cannot be made; the message says which step failed.
+    pub fn ensure() -> Self {
+        static KERNEL: OnceLock<GuestKernel> = OnceLock::new();
+        KERNEL
+            .get_or_init(|| {
+                let cache = cache_dir();
+                fs::create_dir_all(&cache).unwrap_or_else(|e| {
+                    panic!("cannot create guest cache {}: {e}", cache.display())
+                });
+                let (kernel, modules) = ensure_kernel(&cache);
+                Self {
+                    kernel,
+                    modules,
+                    busybox: ensure_busybox(),
+                }
+            })
+            .clone()
+    }
+
+    /// [`GuestKernel::ensure`] off the async runtime's threads.
+    ///
+    /// # Panics
+    /// As [`GuestKernel::ensure`].
+    pub async fn ready() -> Self {
+        tokio::task::spawn_blocking(Self::ensure)
+            .await
+            .expect("the guest kernel is made")
+    }
+}
+
 /// `$VMD_GUEST_CACHE`, else `<workspace>/target/guest-cache`.
 fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("VMD_GUEST_CACHE") {
@@ -494,6 +543,18 @@ impl Initramfs {
     /// # Panics
     /// If an asset cannot be read.
     pub fn new(assets: &GuestAssets) -> Self {
+        Self::with(&assets.busybox, &assets.modules).copy("bin/vmctl", &assets.vmctl, 0o755)
+    }
+
+    /// The base image of `kernel`'s modules and busybox, without `vmctl`.
+    ///
+    /// # Panics
+    /// If an asset cannot be read.
+    pub fn bare(kernel: &GuestKernel) -> Self {
+        Self::with(&kernel.busybox, &kernel.modules)
+    }
+
+    fn with(busybox: &Path, modules: &Path) -> Self {
         let mut image = Self {
             entries: Vec::new(),
             script: "true\n".into(),
@@ -514,9 +575,9 @@ impl Initramfs {
             "dev/console".into(),
             Entry::CharDevice { major: 5, minor: 1 },
         ));
-        image = image.copy("bin/busybox", &assets.busybox, 0o755);
+        image = image.copy("bin/busybox", busybox, 0o755);
         let applets = run(
-            Command::new(&assets.busybox).arg("--list"),
+            Command::new(busybox).arg("--list"),
             "listing busybox applets",
         );
         for applet in String::from_utf8_lossy(&applets).lines() {
@@ -530,11 +591,11 @@ impl Initramfs {
         for module in MODULES.iter().chain(EXTRA_MODULES) {
             image = image.copy(
                 &format!("lib/modules/{module}.ko"),
-                &assets.module(module),
+                &modules.join(format!("{module}.ko")),
                 0o644,
             );
         }
-        image.copy("bin/vmctl", &assets.vmctl, 0o755)
+        image
     }
 
     /// Adds a file at `path` (relative to `/`) with `data`; parent

@@ -11,6 +11,7 @@
 //! - [`guest`]: QEMU guests with a Debian kernel and real AF_VSOCK.
 //! - [`microvm`], [`nspawn`], [`qemu`], [`process`]: a microvm host in
 //!   systemd-nspawn, QEMU processes, the daemon as a process.
+//! - [`qmp`]: another client of a VM's main QMP socket.
 //! - [`rig`]: that microvm host with vmd serving it, for `vmctl` tests.
 //! - [`tmux`]: a terminal program under a private tmux server.
 
@@ -21,6 +22,7 @@ pub mod microvm;
 pub mod nspawn;
 pub mod process;
 pub mod qemu;
+pub mod qmp;
 pub mod rig;
 pub mod tmux;
 

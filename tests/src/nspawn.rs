@@ -102,7 +102,8 @@ pub struct SystemdContainerBuilder {
 }
 
 impl SystemdContainerBuilder {
-    /// Places a unit file `name` (e.g. `microvm@.service`) with `contents`
+    /// Places a unit file `name` (e.g. `microvm@.service`, or a drop-in
+    /// such as `microvm@vm1.service.d/timeout.conf`) with `contents`
     /// read-only in the container's `/etc/systemd/system/`.
     #[must_use]
     pub fn unit(mut self, name: &str, contents: &str) -> Self {
@@ -390,6 +391,11 @@ impl SystemdContainer {
         }
         for (name, contents) in &spec.units {
             let path = work.join("units").join(name);
+            if let Some(dir) = path.parent() {
+                // A drop-in (`microvm@x.service.d/…`) has a directory.
+                std::fs::create_dir_all(dir)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+            }
             std::fs::write(&path, contents)
                 .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         }

@@ -27,9 +27,7 @@ use vmd::vms::inventory::InventorySource;
 use vmd_proto::Role;
 use vmd_tests::TestServer;
 use vmd_tests::guest::{GuestAssets, Initramfs, KERNEL_APPEND, processes_using};
-use vmd_tests::microvm::{CONTAINER_STATE_DIR, CONTAINER_STOP_SCRIPT, DeclaredVm, MicrovmHost};
-use vmd_tests::nspawn::SystemdContainer;
-use vmd_tests::qemu::QEMU;
+use vmd_tests::microvm::{CONTAINER_STATE_DIR, DeclaredVm, MicrovmHost};
 
 const VM: &str = "guest-vm";
 
@@ -66,24 +64,44 @@ report VMD-AFTER
 sleep 600
 "#;
 
-/// The instance unit: microvm.nix's shape (QMP socket in the VM's state
-/// directory, graceful `ExecStop` over QMP), running the test guest with
-/// one of four vCPUs, 512 MiB and a balloon; the serial
-/// console goes to a file the test reads through the shared state dir.
-fn guest_unit() -> String {
+/// The guest VM's QEMU arguments (its runner's `microvm-run`, in
+/// microvm.nix's host shape): the test guest with one of four vCPUs,
+/// 512 MiB and a balloon; the serial console goes to a file the test reads
+/// through the shared state dir.
+fn guest_args() -> Vec<String> {
     let state = CONTAINER_STATE_DIR;
-    format!(
-        "[Unit]\nDescription=MicroVM '%i' (test guest kernel)\n\n[Service]\nType=simple\n\
-         ExecStartPre=/bin/rm -f {state}/%i/%i.sock {state}/%i/%i.sock.stopped {state}/%i/console.log\n\
-         ExecStart=/usr/bin/{QEMU} -name %i -accel tcg -M pc -nodefaults -display none \
-         -monitor none -cpu max -smp 1,maxcpus=4 -m 512M,slots=2,maxmem=1G \
-         -device virtio-balloon-pci,id=balloon0 -serial file:{state}/%i/console.log \
-         -kernel {CONTAINER_GUEST_DIR}/vmlinux -initrd {CONTAINER_GUEST_DIR}/initramfs.cpio \
-         -append \"{KERNEL_APPEND}\" -no-reboot \
-         -qmp unix:{state}/%i/%i.sock,server=on,wait=off\n\
-         ExecStop=/usr/bin/python3 {CONTAINER_STOP_SCRIPT} {state}/%i/%i.sock\n\
-         TimeoutStopSec=20\n"
-    )
+    [
+        "-accel",
+        "tcg",
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-cpu",
+        "max",
+        "-smp",
+        "1,maxcpus=4",
+        "-m",
+        "512M,slots=2,maxmem=1G",
+        "-device",
+        "virtio-balloon-pci,id=balloon0",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain([
+        "-serial".to_owned(),
+        format!("file:{state}/{VM}/console.log"),
+        "-kernel".to_owned(),
+        format!("{CONTAINER_GUEST_DIR}/vmlinux"),
+        "-initrd".to_owned(),
+        format!("{CONTAINER_GUEST_DIR}/initramfs.cpio"),
+        "-append".to_owned(),
+        KERNEL_APPEND.to_owned(),
+    ])
+    .collect()
 }
 
 /// The `key=value` fields of the console line that starts with `tag`.
@@ -134,9 +152,8 @@ async fn a_resize_is_seen_by_the_guest_kernel() {
         .write(&guest_dir.path().join("initramfs.cpio"));
 
     let host = MicrovmHost::new(&[DeclaredVm {
-        name: VM,
-        protected: false,
-        autostart: false,
+        qemu_args: Some(guest_args()),
+        ..DeclaredVm::new(VM)
     }]);
     // The guest's own sizes (MicrovmHost declares 256 MiB for its QEMUs
     // without a guest; this one boots a kernel, which needs room to give).
@@ -149,16 +166,9 @@ async fn a_resize_is_seen_by_the_guest_kernel() {
         ),
     )
     .expect("inventory");
-    let mut builder = SystemdContainer::builder()
-        .state_dir(host.state_dir())
-        .bind_ro(host.stop_script(), CONTAINER_STOP_SCRIPT)
-        .bind_ro(guest_dir.path(), CONTAINER_GUEST_DIR);
-    for (name, contents) in host.unit_files() {
-        builder = builder.unit(&name, &contents);
-    }
-    // An instance unit file overrides the template for this one VM.
-    let container = builder
-        .unit(&format!("microvm@{VM}.service"), &guest_unit())
+    let container = host
+        .container()
+        .bind_ro(guest_dir.path(), CONTAINER_GUEST_DIR)
         .boot()
         .await;
     let server = TestServer::start_with(|c| {

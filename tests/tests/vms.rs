@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use vmd_client::{Client, ClientError};
 use vmd_proto::{ErrorReply, OperationStatus, VmName, VmState};
+use vmd_tests::microvm::DeclaredVm;
 use vmd_tests::rig::{AUTO, COLD, GUARDED, MicrovmRig};
 
 /// The three-VM rig (autostarted, stopped, protected) with `adjust` applied
@@ -255,33 +256,18 @@ async fn faults_are_reported_not_hung() {
         }
     });
     // The inventory names the mute socket as auto-vm's shared control
-    // socket and a monitor socket that does not exist (a hand-made host).
-    let rig = rig(|c| {
-        c.vms.qmp_timeout = Duration::from_secs(2);
-        let file = c.vms.inventory.file.clone().expect("inventory file");
-        let inventory = std::fs::read_to_string(&file).expect("inventory");
-        let auto = format!("[vm.{AUTO}]\n");
-        let rewritten = inventory.replace(
-            &auto,
-            &format!(
-                "{auto}monitor_socket = \"{}\"\n",
-                mute_dir.path().join("absent.sock").display()
-            ),
-        );
-        let mute = mute_socket.display().to_string();
-        let rewritten = rewritten
-            .lines()
-            .map(|l| {
-                if l.starts_with("control_socket") && l.contains(&format!("/{AUTO}/")) {
-                    format!("control_socket = \"{mute}\"")
-                } else {
-                    l.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        std::fs::write(&file, rewritten).expect("rewrite inventory");
-    })
+    // socket, and auto-vm has no monitor of vmd's own (a hand-made host).
+    let rig = MicrovmRig::with_vms(
+        &[
+            DeclaredVm {
+                inventory_control_socket: Some(mute_socket.clone()),
+                ..DeclaredVm::new(AUTO).autostart().without_monitor()
+            },
+            DeclaredVm::new(COLD),
+            DeclaredVm::new(GUARDED).autostart().protected(),
+        ],
+        |c| c.vms.qmp_timeout = Duration::from_secs(2),
+    )
     .await;
     let client = rig.server.client("admin").await;
 
@@ -298,7 +284,8 @@ async fn faults_are_reported_not_hung() {
     assert_eq!(info.state, VmState::Running);
     holder.abort();
 
-    // QEMU killed with SIGKILL: the VM reads as failed, promptly.
+    // QEMU killed with SIGKILL: the VM reads as crashed (restarting, as
+    // microvm.nix's units have Restart=always, or failed), promptly.
     let pid = client.get_vm(&vm(COLD)).await.expect("get").pid;
     assert_eq!(pid, None, "cold-vm is stopped");
     let op = client.start(&vm(COLD)).await.expect("accepted");
@@ -312,10 +299,16 @@ async fn faults_are_reported_not_hung() {
         .await
         .state;
     assert!(
-        matches!(state, VmState::Failed | VmState::Stopped),
+        matches!(state, VmState::Restarting | VmState::Failed),
         "{state}"
     );
-    assert_ne!(rig.active_state(COLD).await, "active");
+    // systemd starts it again after RestartSec; vmd follows.
+    eventually(&client, COLD, |i| i.state == VmState::Running).await;
+    let restarts = rig.unit_property(COLD, "NRestarts").await;
+    assert_eq!(restarts, "1", "systemd restarted it once");
+    // Stopped again, for the rest of the test.
+    rig.vmctl_ok(&["stop", COLD, "--wait"]).await;
+    assert_eq!(rig.active_state(COLD).await, "inactive");
 
     // systemd's bus gone: changes answer Unavailable, reads say unknown.
     rig.container.stop_bus().await;

@@ -48,7 +48,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixStream;
 use vmd::vms::inventory::InventorySource;
 use vmd_tests::TestServer;
-use vmd_tests::microvm::{CONTAINER_STOP_SCRIPT, DeclaredVm, MicrovmHost};
+use vmd_tests::microvm::{DeclaredVm, MicrovmHost};
 use vmd_tests::nspawn::SystemdContainer;
 
 struct Args {
@@ -169,22 +169,18 @@ async fn bench(args: &Args, server: &TestServer, extra: &[&str]) -> Vec<Value> {
 /// booted container.
 async fn boot_host(count: usize, running: usize) -> (MicrovmHost, SystemdContainer) {
     let declared: Vec<DeclaredVm> = (0..count)
-        .map(|i| DeclaredVm {
+        .map(|i| {
             // MicrovmHost takes static names; a bench run declares few.
-            name: Box::leak(format!("vm-{i:03}").into_boxed_str()),
-            protected: false,
-            autostart: i < running,
+            let vm = DeclaredVm::new(Box::leak(format!("vm-{i:03}").into_boxed_str()));
+            if i < running { vm.autostart() } else { vm }
         })
         .collect();
     let host = MicrovmHost::new(&declared);
-    let mut builder = SystemdContainer::builder()
-        .state_dir(host.state_dir())
-        .bind_ro(host.stop_script(), CONTAINER_STOP_SCRIPT)
-        .boot_timeout(Duration::from_secs(120));
-    for (name, contents) in host.unit_files() {
-        builder = builder.unit(&name, &contents);
-    }
-    let container = builder.boot().await;
+    let container = host
+        .container()
+        .boot_timeout(Duration::from_secs(120))
+        .boot()
+        .await;
     let started = Instant::now();
     container.systemctl(&["start", "microvms.target"]).await;
     for vm in declared.iter().filter(|vm| vm.autostart) {
