@@ -101,6 +101,9 @@ impl MicrovmRig {
                 file: Some(host.inventory()),
             };
             c.vms.systemd_bus = Some(container.bus_address());
+            // CPU and memory use come from the units' cgroups, which live
+            // under the container's root in this host's hierarchy.
+            c.vms.cgroup_root = container.cgroup_root();
             c.policy.identities = vec![
                 IdentityRule {
                     change: Scope::all(),

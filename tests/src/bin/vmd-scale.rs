@@ -202,6 +202,7 @@ async fn measure(args: &Args, count: usize) -> Vec<Value> {
             file: Some(host.inventory()),
         };
         c.vms.systemd_bus = Some(container.bus_address());
+        c.vms.cgroup_root = container.cgroup_root();
         c.limits.identity.requests_per_second = 1e6;
         c.limits.identity.burst = 1_000_000;
     })
@@ -252,7 +253,7 @@ async fn idle_watching(args: &Args, vmd: &Path) -> Vec<Value> {
         format!(
             "[listen]\ntcp = [\"127.0.0.1:{port}\"]\n[listen.vsock]\nenable = false\n\
              [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
-             [vms]\nstate_dir = {state:?}\ninventory = {inventory:?}\nsystemd_bus = {bus:?}\n\
+             [vms]\nstate_dir = {state:?}\ninventory = {inventory:?}\nsystemd_bus = {bus:?}\n{cgroup}\
              [policy]\ndefault_role = \"reader\"\n",
             ca = path(&tls.ca),
             cert = path(&tls.cert),
@@ -260,6 +261,10 @@ async fn idle_watching(args: &Args, vmd: &Path) -> Vec<Value> {
             state = path(&host.state_dir()),
             inventory = path(&host.inventory()),
             bus = container.bus_address(),
+            cgroup = container
+                .cgroup_root()
+                .map(|root| format!("cgroup_root = {:?}\n", path(&root)))
+                .unwrap_or_default(),
         ),
     )
     .expect("write the vmd config");
