@@ -81,15 +81,18 @@ impl Cgroups {
         let tasks = read(&dir.join("pids.current"))
             .and_then(|text| text.trim().parse().ok())
             .or_else(|| read(&dir.join("cgroup.threads")).map(|t| t.lines().count() as u64));
-        let frozen = read(&dir.join("cgroup.events"))
-            .and_then(|text| field(&text, "frozen"))
-            .map(|f| f == 1);
+        let frozen = frozen_in(&dir);
         Usage {
             cpu_ns,
             memory,
             tasks,
             frozen,
         }
+    }
+
+    /// Whether the cgroup's processes are frozen now (one small read).
+    pub fn frozen(&self, control_group: &str) -> Option<bool> {
+        frozen_in(&self.dir(control_group)?)
     }
 
     /// The cgroup's directory; `None` for a path that would leave the
@@ -118,6 +121,13 @@ impl Cgroups {
         }
         Some(total)
     }
+}
+
+/// `cgroup.events`' `frozen` field.
+fn frozen_in(dir: &Path) -> Option<bool> {
+    read(&dir.join("cgroup.events"))
+        .and_then(|text| field(&text, "frozen"))
+        .map(|f| f == 1)
 }
 
 fn read(path: &Path) -> Option<String> {

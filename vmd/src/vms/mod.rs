@@ -37,8 +37,20 @@ use model::{Model, Record, age_ms};
 use ops::{Busy, Operations};
 use watch::{Changed, Changes};
 
-/// Live facts older than this are refreshed in the background when read.
+/// Live facts from a shared socket older than this are refreshed in the
+/// background when read.
 pub const REFRESH_AFTER: Duration = Duration::from_secs(2);
+
+/// The same for facts from vmd's monitor: its events keep them current;
+/// this only catches what QEMU announces with no event (a device another
+/// client attached, a vCPU it hot-plugged).
+pub const MONITOR_REFRESH_AFTER: Duration = Duration::from_secs(10);
+
+/// What is read on request (a unit's CPU time, memory and tasks; whether
+/// the VM needs a restart) is reused for this long: a panel that reads
+/// every VM each second costs the host one read per VM per second,
+/// however many clients ask. Freezing is always read fresh.
+pub const ON_REQUEST_FRESH: Duration = Duration::from_secs(1);
 
 /// How long start-up waits for running VMs' live facts.
 const START_SETTLE: Duration = Duration::from_secs(5);
@@ -100,6 +112,16 @@ struct Inner {
     /// Wakes the follower's pause before subscribing again (a change found
     /// systemd reachable).
     resubscribe: tokio::sync::Notify,
+    /// The last on-request reads per VM (see [`ON_REQUEST_FRESH`]).
+    on_request: Mutex<std::collections::HashMap<VmName, OnRequest>>,
+}
+
+/// What a read of one VM found outside the model, and when.
+#[derive(Clone, Copy, Debug)]
+struct OnRequest {
+    at: std::time::Instant,
+    usage: Usage,
+    restart_needed: Option<bool>,
 }
 
 impl VmService {
@@ -124,6 +146,7 @@ impl VmService {
                 follower: Mutex::new(None),
                 epochs: AtomicU64::new(0),
                 resubscribe: tokio::sync::Notify::new(),
+                on_request: Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }
@@ -256,33 +279,81 @@ impl VmService {
     /// One VM as `viewer` sees it, from its record; starts a background
     /// refresh of stale live facts.
     fn info(&self, record: &Record, viewer: &str) -> VmInfo {
+        let refresh_after = if record.monitor.is_some() {
+            MONITOR_REFRESH_AFTER
+        } else {
+            REFRESH_AFTER
+        };
         if record.is_active()
             && record
                 .live_at
-                .is_none_or(|at| at.elapsed() >= REFRESH_AFTER)
+                .is_none_or(|at| at.elapsed() >= refresh_after)
         {
             self.refresh(&record.spec.name);
         }
-        let mut info = vm_info(record, self.usage(record), now_usec());
+        let read = self.on_request(record);
+        let mut info = vm_info(record, read.usage, now_usec());
+        info.restart_needed = read.restart_needed;
         info.pending = self.inner.ops.pending(&record.spec.name, viewer);
         info
     }
 
-    /// What the unit's cgroup says now, while it runs.
-    fn usage(&self, record: &Record) -> Usage {
-        match (&record.facts.unit, record.is_active()) {
-            (Some(unit), true) => unit
-                .control_group
-                .as_deref()
-                .map(|cg| self.inner.cgroups.usage(cg))
-                .unwrap_or_default(),
-            _ => Usage::default(),
+    /// The on-request reads of a VM, reused while fresh; `frozen` always
+    /// read now.
+    fn on_request(&self, record: &Record) -> OnRequest {
+        let name = &record.spec.name;
+        let cached = self
+            .inner
+            .on_request
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied()
+            .filter(|c| c.at.elapsed() < ON_REQUEST_FRESH);
+        let control_group = record
+            .facts
+            .unit
+            .as_ref()
+            .filter(|_| record.is_active())
+            .and_then(|u| u.control_group.as_deref());
+        let mut read = cached.unwrap_or_else(|| {
+            let read = OnRequest {
+                at: std::time::Instant::now(),
+                usage: control_group
+                    .map(|cg| self.inner.cgroups.usage(cg))
+                    .unwrap_or_default(),
+                restart_needed: record
+                    .spec
+                    .dir
+                    .as_deref()
+                    .and_then(inventory::restart_needed),
+            };
+            self.inner
+                .on_request
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name.clone(), read);
+            read
+        });
+        if cached.is_some() {
+            read.usage.frozen = control_group.and_then(|cg| self.inner.cgroups.frozen(cg));
         }
+        if control_group.is_none() {
+            read.usage = Usage::default();
+        }
+        read
     }
 
     /// The state now, with the cgroup's word on freezing.
     pub(crate) fn state_now(&self, record: &Record) -> VmState {
-        state_with(record, self.usage(record).frozen)
+        let frozen = record
+            .facts
+            .unit
+            .as_ref()
+            .filter(|_| record.is_active())
+            .and_then(|u| u.control_group.as_deref())
+            .and_then(|cg| self.inner.cgroups.frozen(cg));
+        state_with(record, frozen)
     }
 
     /// `Watch`: the VMs in `visible` (and in `only`, unless empty) that
@@ -489,7 +560,8 @@ pub fn vm_info(record: &Record, usage: Usage, now_usec: u64) -> VmInfo {
         },
         last_exit: facts.last_exit.clone(),
         restarts: facts.unit.as_ref().and_then(|u| u.n_restarts),
-        restart_needed: spec.dir.as_deref().and_then(inventory::restart_needed),
+        // Read on request by the caller (it may reuse a recent read).
+        restart_needed: None,
         resources,
     }
 }

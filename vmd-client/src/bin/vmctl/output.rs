@@ -98,9 +98,29 @@ pub(crate) fn host(host: &HostInfo) -> String {
         (
             "Memory",
             format!(
-                "{} total, {} available",
-                host.memory.total, host.memory.available
+                "{} total, {} in use, {} available",
+                host.memory.total, host.memory.in_use, host.memory.available
             ),
+        ),
+        (
+            "Load",
+            host.load_milli
+                .iter()
+                .map(|l| format!("{}.{:02}", l / 1000, l % 1000 / 10))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        (
+            "CPU time",
+            or_dash(host.cpu_times.as_ref().map(|t| {
+                format!(
+                    "{:.0}s user, {:.0}s system, {:.0}s idle, {:.0}s steal (since boot)",
+                    t.user_ms as f64 / 1000.0,
+                    t.system_ms as f64 / 1000.0,
+                    t.idle_ms as f64 / 1000.0,
+                    t.steal_ms as f64 / 1000.0
+                )
+            })),
         ),
     ];
     match &host.virtualization {
