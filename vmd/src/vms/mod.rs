@@ -120,6 +120,8 @@ struct Inner {
 #[derive(Clone, Copy, Debug)]
 struct OnRequest {
     at: std::time::Instant,
+    /// The unit state it was read under: a new one reads again.
+    unit_at: Option<std::time::Instant>,
     usage: Usage,
     restart_needed: Option<bool>,
 }
@@ -309,7 +311,7 @@ impl VmService {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(name)
             .copied()
-            .filter(|c| c.at.elapsed() < ON_REQUEST_FRESH);
+            .filter(|c| c.at.elapsed() < ON_REQUEST_FRESH && c.unit_at == record.unit_at);
         let control_group = record
             .facts
             .unit
@@ -319,6 +321,7 @@ impl VmService {
         let mut read = cached.unwrap_or_else(|| {
             let read = OnRequest {
                 at: std::time::Instant::now(),
+                unit_at: record.unit_at,
                 usage: control_group
                     .map(|cg| self.inner.cgroups.usage(cg))
                     .unwrap_or_default(),
