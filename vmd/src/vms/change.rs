@@ -223,7 +223,7 @@ impl VmService {
             Change::Resume if state != VmState::Paused => {
                 Err(VmError::Invalid(format!("{name} is not paused")))
             }
-            Change::Pause if !self.is_qemu(record) => Ok(Way::Freezer),
+            Change::Pause if !record.speaks_qmp() => Ok(Way::Freezer),
             Change::Pause | Change::Resume => self.control_way(record).await,
             Change::Resize { vcpus, memory } => {
                 if vcpus.is_none() && memory.is_none() {
@@ -231,7 +231,7 @@ impl VmService {
                         "resize needs a vCPU count, a memory size, or both".into(),
                     ));
                 }
-                if !self.is_qemu(record) {
+                if !record.speaks_qmp() {
                     return Err(VmError::Unsupported(unsupported_resize(record)));
                 }
                 let way = self.control_way(record).await?;
@@ -247,12 +247,6 @@ impl VmService {
             }
             Change::Start | Change::Restart | Change::Shutdown { .. } => Ok(Way::Unit),
         }
-    }
-
-    /// Whether vmd speaks to this VM's hypervisor (QEMU over QMP).
-    fn is_qemu(&self, record: &Record) -> bool {
-        record.spec.hypervisor == Some(Hypervisor::Qemu)
-            && (record.spec.monitor_socket.is_some() || record.spec.control_socket.is_some())
     }
 
     /// vmd's monitor, else a session on the shared socket opened now.
@@ -379,7 +373,7 @@ impl VmService {
     /// is forked, before QEMU has opened its sockets.) Woken by the model;
     /// the caller's deadline bounds it.
     async fn await_live(&self, record: &Record) -> Result<(), VmError> {
-        if !self.is_qemu(record) {
+        if !record.speaks_qmp() {
             return Ok(());
         }
         let name = &record.spec.name;

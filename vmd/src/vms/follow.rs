@@ -182,7 +182,7 @@ impl VmService {
             let go = record.is_active()
                 && record.monitor.is_none()
                 && !record.attaching
-                && self.is_qemu_record(record);
+                && record.speaks_qmp();
             if go {
                 record.attaching = true;
             }
@@ -194,11 +194,6 @@ impl VmService {
         let weak = Arc::downgrade(&self.inner);
         let name = name.clone();
         tokio::spawn(async move { attach(weak, name).await });
-    }
-
-    fn is_qemu_record(&self, record: &super::model::Record) -> bool {
-        record.spec.hypervisor == Some(vmd_proto::Hypervisor::Qemu)
-            && (record.spec.monitor_socket.is_some() || record.spec.control_socket.is_some())
     }
 
     /// Where a monitor attached with `epoch` reports its events.
@@ -265,9 +260,7 @@ impl VmService {
             }
             let how = match (&record.monitor, &record.spec.control_socket) {
                 (Some(monitor), _) => Some((Some(monitor.clone()), None)),
-                (None, Some(socket)) if self.is_qemu_record(record) => {
-                    Some((None, Some(socket.clone())))
-                }
+                (None, Some(socket)) if record.speaks_qmp() => Some((None, Some(socket.clone()))),
                 _ => None,
             };
             record.refreshing = how.is_some();

@@ -86,6 +86,13 @@ impl Record {
         }
     }
 
+    /// Whether vmd speaks to this VM's hypervisor: QEMU, over its own
+    /// monitor or the VM's shared QMP socket.
+    pub fn speaks_qmp(&self) -> bool {
+        self.spec.hypervisor == Some(vmd_proto::Hypervisor::Qemu)
+            && (self.spec.monitor_socket.is_some() || self.spec.control_socket.is_some())
+    }
+
     /// Whether the unit runs, as last signalled.
     pub fn is_active(&self) -> bool {
         self.facts.unit.as_ref().is_some_and(UnitStatus::is_active)
