@@ -12,6 +12,9 @@ use vmd::cli::{Cli, Command, Serve, ServeArgs};
 use vmd::pki::{self, EnsureSpec, PkiLayout};
 use vmd::say;
 
+/// How long an idle blocking-pool thread lives (see `main`).
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -47,6 +50,10 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // zbus connects and closes its unix sockets on the blocking pool;
+        // an idle pool thread would otherwise wake to exit after 10 s.
+        // Parked threads cost no CPU, so they stay.
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build()?;
     runtime.block_on(async {
         // Handlers go in before anything binds, so a SIGTERM right after
