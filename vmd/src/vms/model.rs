@@ -285,11 +285,12 @@ pub fn age_ms(at: Option<Instant>) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::drivers::{ActiveState, ProcessExit};
 
-    fn spec(name: &str) -> VmSpec {
+    /// A VM declared by name only, with microvm.nix's default unit.
+    pub(crate) fn spec(name: &str) -> VmSpec {
         VmSpec {
             name: VmName::new(name).expect("valid"),
             description: None,

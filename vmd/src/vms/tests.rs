@@ -571,33 +571,12 @@ async fn concurrent_changes_get_one_accept_and_the_rest_busy() {
 #[test]
 fn states_combine_systemd_and_the_hypervisor() {
     use crate::drivers::UnitStatus;
-    use crate::vms::model::{Facts, Record};
+    use crate::vms::model::Record;
     let record = |active: ActiveState, sub: &str, freezer: &str, run: Option<RunState>| {
-        let mut r = Record {
-            spec: VmSpec {
-                name: vm("x"),
-                description: None,
-                hypervisor: Some(Hypervisor::Qemu),
-                vcpus: None,
-                max_vcpus: None,
-                memory: None,
-                max_memory: None,
-                vsock_cid: None,
-                control_socket: None,
-                monitor_socket: None,
-                dir: None,
-                resources: vmd_proto::Resources::default(),
-                vsock_uds: None,
-                unit: "microvm@x.service".into(),
-                protected: false,
-            },
-            facts: Facts::default(),
-            unit_at: None,
-            live_at: None,
-            monitor: None,
-            attaching: false,
-            refreshing: false,
-        };
+        let mut r = Record::new(VmSpec {
+            hypervisor: Some(Hypervisor::Qemu),
+            ..crate::vms::model::tests::spec("x")
+        });
         r.facts.unit = Some(UnitStatus {
             load_state: "loaded".into(),
             active_state: active,
