@@ -5,8 +5,15 @@
 }:
 let
   root = ../.;
-  manifest = (lib.importTOML (root + "/Cargo.toml")).workspace;
+  cargoToml = lib.importTOML (root + "/Cargo.toml");
+  manifest = cargoToml.workspace;
   workspace = manifest.package;
+  # The release artefact is built with Cargo.toml's `dist` profile (fat LTO,
+  # one codegen unit: the smaller daemon). buildRustPackage builds the
+  # `release` profile, so its LTO and codegen units are overridden from
+  # `dist` (read here, so the two cannot drift; tests/package-source
+  # checks it).
+  dist = cargoToml.profile.dist;
   # Every member, read from Cargo.toml: cargo reads each member's manifest
   # even to build one package, so a member left out breaks the build
   # (tests/package-source checks the selection with cargo itself).
@@ -34,6 +41,11 @@ rustPlatform.buildRustPackage {
     );
   };
   cargoLock.lockFile = root + "/Cargo.lock";
+
+  env = {
+    CARGO_PROFILE_RELEASE_LTO = dist.lto;
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS = toString dist.codegen-units;
+  };
 
   cargoBuildFlags = [
     "-p"

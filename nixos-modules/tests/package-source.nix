@@ -12,7 +12,7 @@
 #    loudly ("attribute missing"): add it to the stub.
 #
 # Returns { lib = "nixpkgs" | "stub"; paths = [ "relative/path" … ];
-#           buildPackages = [ … ]; testPackages = [ … ]; }
+#           buildPackages = [ … ]; testPackages = [ … ]; env = { … }; }
 {
   nixpkgsLib ? null,
 }:
@@ -83,4 +83,5 @@ assert pkg.src.root == root || throw "package.nix's src root is ${toString pkg.s
   paths = map relative selected;
   buildPackages = packagesOf (pkg.cargoBuildFlags or [ ]);
   testPackages = packagesOf (pkg.cargoTestFlags or [ ]);
+  env = pkg.env or { };
 }
