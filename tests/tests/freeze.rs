@@ -2,7 +2,7 @@
 //! real systemd in nspawn runs a `microvm@` unit whose process is not
 //! QEMU, and vmd pauses and resumes it by freezing the unit's cgroup, as
 //! Ghaf's givc does. A freeze made by someone else (`systemctl freeze`)
-//! reads the same. CPU time comes from the unit's cgroup, not the bus.
+//! reads the same and wakes a waiting watch. CPU time comes from the unit's cgroup, not the bus.
 
 #![cfg(feature = "system-tests")]
 
@@ -110,11 +110,18 @@ async fn other_hypervisors_pause_by_freezing_and_read_frozen() {
     assert_eq!(done.status, OperationStatus::Succeeded, "{done:?}");
     let running = watch_until(&client, frozen.generation, VmState::Running).await;
 
-    // Frozen behind vmd's back: the same state on the next read (the
-    // kernel's cgroup.events says so; systemd 252 sends no signal for a
-    // freeze, systemd issue 31115, so no watch is woken by it).
-    let _ = running;
+    // Frozen behind vmd's back (as givc does): systemd 252 sends no
+    // signal for a freeze (systemd issue 31115), but the kernel marks the
+    // cgroup's cgroup.events modified, so a waiting watch wakes, and the
+    // next read says the same.
+    let waiting = {
+        let client = server.client("admin").await;
+        tokio::spawn(async move { watch_until(&client, running.generation, VmState::Frozen).await })
+    };
+    // The watch is waiting before the freeze.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     container.systemctl(&["freeze", UNIT]).await;
+    waiting.await.expect("the watch saw the freeze");
     let info = client.get_vm(&vm()).await.expect("get");
     assert_eq!(info.state, VmState::Frozen, "{info:?}");
     assert_eq!(

@@ -95,6 +95,12 @@ impl Cgroups {
         frozen_in(&self.dir(control_group)?)
     }
 
+    /// The cgroup's `cgroup.events` file, which the kernel marks modified
+    /// when the cgroup freezes, thaws or empties.
+    pub fn events_file(&self, control_group: &str) -> Option<PathBuf> {
+        Some(self.dir(control_group)?.join("cgroup.events"))
+    }
+
     /// The cgroup's directory; `None` for a path that would leave the
     /// hierarchy.
     fn dir(&self, control_group: &str) -> Option<PathBuf> {

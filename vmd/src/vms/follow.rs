@@ -63,7 +63,7 @@ impl Drop for Inner {
 }
 
 impl VmService {
-    fn from_weak(weak: &Weak<Inner>) -> Option<Self> {
+    pub(super) fn from_weak(weak: &Weak<Inner>) -> Option<Self> {
         weak.upgrade().map(|inner| Self { inner })
     }
 
@@ -161,16 +161,32 @@ impl VmService {
             record.facts.unit = None;
             record.unit_at = None;
         });
+        for name in self
+            .inner
+            .model
+            .select(|_| true)
+            .iter()
+            .map(|r| &r.spec.name)
+        {
+            self.follow_freezes(name, None);
+        }
     }
 
     /// Applies a unit's state; attaches the monitor of a QEMU VM that
     /// became active.
     pub(super) fn apply_unit(&self, name: &VmName, status: UnitStatus) {
-        let active = self.inner.model.update(name, |record| {
+        let Some((active, cgroup)) = self.inner.model.update(name, |record| {
             record.apply_unit(status);
-            record.is_active()
-        });
-        if active == Some(true) {
+            (
+                record.is_active(),
+                record.running_cgroup().map(str::to_owned),
+            )
+        }) else {
+            return;
+        };
+        let events = cgroup.and_then(|cg| self.inner.cgroups.events_file(&cg));
+        self.follow_freezes(name, events);
+        if active {
             self.ensure_live(name);
         }
     }

@@ -12,6 +12,7 @@
 
 pub mod change;
 pub mod follow;
+mod freezes;
 pub mod inventory;
 pub mod model;
 pub mod ops;
@@ -114,6 +115,8 @@ struct Inner {
     resubscribe: tokio::sync::Notify,
     /// The last on-request reads per VM (see [`ON_REQUEST_FRESH`]).
     on_request: Mutex<std::collections::HashMap<VmName, OnRequest>>,
+    /// The running units' `cgroup.events` watches.
+    freezes: freezes::Freezes,
 }
 
 /// What a read of one VM found outside the model, and when.
@@ -149,6 +152,7 @@ impl VmService {
                 epochs: AtomicU64::new(0),
                 resubscribe: tokio::sync::Notify::new(),
                 on_request: Mutex::new(std::collections::HashMap::new()),
+                freezes: freezes::Freezes::default(),
             }),
         }
     }
@@ -312,12 +316,7 @@ impl VmService {
             .get(name)
             .copied()
             .filter(|c| c.at.elapsed() < ON_REQUEST_FRESH && c.unit_at == record.unit_at);
-        let control_group = record
-            .facts
-            .unit
-            .as_ref()
-            .filter(|_| record.is_active())
-            .and_then(|u| u.control_group.as_deref());
+        let control_group = record.running_cgroup();
         let mut read = cached.unwrap_or_else(|| {
             let read = OnRequest {
                 at: std::time::Instant::now(),
@@ -350,11 +349,7 @@ impl VmService {
     /// The state now, with the cgroup's word on freezing.
     pub(crate) fn state_now(&self, record: &Record) -> VmState {
         let frozen = record
-            .facts
-            .unit
-            .as_ref()
-            .filter(|_| record.is_active())
-            .and_then(|u| u.control_group.as_deref())
+            .running_cgroup()
             .and_then(|cg| self.inner.cgroups.frozen(cg));
         state_with(record, frozen)
     }
@@ -445,9 +440,10 @@ fn now_usec() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// The state a human reads, from systemd's view and the hypervisor's.
+/// The state a human reads, from systemd's view, the hypervisor's and
+/// the kernel's last word on freezing.
 pub fn vm_state(record: &Record) -> VmState {
-    state_with(record, None)
+    state_with(record, record.facts.cgroup_frozen)
 }
 
 /// As [`vm_state`]; `cgroup_frozen` is the kernel's word, read now.

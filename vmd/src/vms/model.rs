@@ -42,6 +42,9 @@ pub struct Facts {
     pub last_exit: Option<LastExit>,
     /// `microvms.target` wants the unit.
     pub autostart: Option<bool>,
+    /// The running unit's cgroup is frozen, as the kernel last told
+    /// ([`super::freezes`]); `None` while not running or not known.
+    pub cgroup_frozen: Option<bool>,
 }
 
 /// vmd's monitor of a running VM.
@@ -96,6 +99,16 @@ impl Record {
     /// Whether the unit runs, as last signalled.
     pub fn is_active(&self) -> bool {
         self.facts.unit.as_ref().is_some_and(UnitStatus::is_active)
+    }
+
+    /// The cgroup of the unit while it is active (systemd's
+    /// `ControlGroup`).
+    pub fn running_cgroup(&self) -> Option<&str> {
+        self.facts
+            .unit
+            .as_ref()
+            .filter(|u| u.is_active())
+            .and_then(|u| u.control_group.as_deref())
     }
 
     /// Applies a unit status: remembers the last exit and restart count

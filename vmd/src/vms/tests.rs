@@ -58,6 +58,15 @@ pub(crate) async fn fixture_with(
     gate: Option<Arc<Semaphore>>,
     without_monitor: &[&str],
 ) -> Fixture {
+    fixture_in(gate, without_monitor, None).await
+}
+
+/// As [`fixture_with`], reading units' cgroups under `cgroup_root`.
+async fn fixture_in(
+    gate: Option<Arc<Semaphore>>,
+    without_monitor: &[&str],
+    cgroup_root: Option<PathBuf>,
+) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("microvms");
     let inventory = dir.path().join("inventory.toml");
@@ -100,6 +109,10 @@ pub(crate) async fn fixture_with(
         Operations::new(OperationLimits::default()),
         ChangeDeadlines::default(),
     );
+    let service = match cgroup_root {
+        Some(root) => service.with_cgroup_root(root),
+        None => service,
+    };
     let f = Fixture {
         dir,
         units,
@@ -420,6 +433,40 @@ async fn other_hypervisors_pause_by_freezing_the_unit() {
         .insert("microvm@admin-vm.service".into());
     f.units.signal("microvm@admin-vm.service");
     settle(&f.service, "admin-vm", |i| i.state == VmState::Frozen).await;
+}
+
+/// Someone else freezes a running VM's cgroup (givc writes
+/// `cgroup.freeze`; systemd sends no signal for it): the kernel marks
+/// `cgroup.events` modified, and a waiting watch wakes with the VM frozen.
+#[tokio::test]
+async fn a_freeze_by_someone_else_wakes_watchers() {
+    let cgroups = tempfile::tempdir().expect("tempdir");
+    let unit = cgroups.path().join("system.slice/microvm@admin-vm.service");
+    std::fs::create_dir_all(&unit).expect("mkdir");
+    let events = unit.join("cgroup.events");
+    std::fs::write(&events, "populated 1\nfrozen 0\n").expect("write");
+    let f = fixture_in(None, &[], Some(cgroups.path().to_owned())).await;
+    let (watched, all) = ([vm("admin-vm")], Scope::all());
+    let wait = |since| {
+        f.service
+            .watch(since, &watched, &all, "me", Duration::from_secs(10))
+    };
+    let mut since = wait(0).await.expect("snapshot").generation;
+    settle(&f.service, "admin-vm", |i| i.state == VmState::Running).await;
+
+    std::fs::write(&events, "populated 1\nfrozen 1\n").expect("write");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, wait(since))
+            .await
+            .expect("a watch woke for the freeze")
+            .expect("watch");
+        assert!(!event.changed.is_empty(), "the watch timed out unwoken");
+        if event.changed.iter().any(|i| i.state == VmState::Frozen) {
+            break;
+        }
+        since = event.generation;
+    }
 }
 
 #[tokio::test]
