@@ -167,12 +167,17 @@ impl KeptAlive {
     ///
     /// # Errors
     /// The connection's or handshake's error.
-    pub async fn connect(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> std::io::Result<Self> {
+    pub async fn connect(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<Self> {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let name = rustls_pki_types::ServerName::try_from(vmd_proto::SERVER_NAME)
             .expect("valid server name");
-        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
         Ok(Self {
             stream,
             buf: Vec::new(),
@@ -187,7 +192,8 @@ impl KeptAlive {
         let request = format!("GET {path} HTTP/1.1\r\nHost: vmd\r\n\r\n");
         self.stream.write_all(request.as_bytes()).await?;
         self.stream.flush().await?;
-        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
         let head_end = loop {
             if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break at + 4;
