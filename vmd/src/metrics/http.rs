@@ -1,7 +1,7 @@
 //! One connection of the metrics listener: mutual TLS, then HTTP/1.1
 //! (`hyper`), the same admission as the main listener's.
 //!
-//! 1. The TLS handshake is the main listener's ([`connection::accept_tls`]:
+//! 1. The TLS handshake is the main listener's (`connection::accept_tls`:
 //!    the same server config, client-certificate verifier and CRLs, with
 //!    ALPN `http/1.1`), within the handshake timeout; refusals are audited
 //!    and counted by reason.
