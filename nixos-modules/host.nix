@@ -288,9 +288,10 @@ let
             "reader"
             "operator"
             "admin"
+            "metrics"
             "none"
           ];
-          description = "What the client may do: reader < operator < admin.";
+          description = "What the client may do: reader < operator < admin; `metrics` may only scrape the metrics listener.";
         };
         vms = mkOption {
           type = types.listOf types.str;
@@ -401,6 +402,29 @@ let
     in
     if lib.hasInfix ":" a then "[${a}]:${toString cfg.listen.tcp.port}" else "${a}:${toString cfg.listen.tcp.port}";
 
+  metricsAddr =
+    let
+      a = cfg.listen.metrics.address;
+    in
+    if lib.hasInfix ":" a then "[${a}]:${toString cfg.listen.metrics.port}" else "${a}:${toString cfg.listen.metrics.port}";
+
+  # Clients with a certificate: `clients.<name>`, and the metrics-only
+  # client of `listen.metrics.client`.
+  allClients =
+    cfg.clients
+    // lib.optionalAttrs (cfg.listen.metrics.enable && cfg.listen.metrics.client != null) {
+      ${cfg.listen.metrics.client} = {
+        role = "metrics";
+        vms = [ ];
+        visible = null;
+        vm = null;
+        transports = [ "tcp" ];
+        tcpNetworks = null;
+        spkiSha256 = null;
+        guestKeyGroup = 0;
+      };
+    };
+
   ensureArgs = [
     "pki"
     "ensure"
@@ -424,7 +448,7 @@ let
   ++ lib.concatMap (c: [
     "--client"
     c
-  ]) (lib.attrNames cfg.clients);
+  ]) (lib.attrNames allClients);
 
   # Copies one VM's client material into its share: files are replaced
   # atomically (rename), and the directory is reset to root:root 0755 in
@@ -544,6 +568,37 @@ in
         type = types.bool;
         default = false;
         description = "Open the TCP port in the firewall.";
+      };
+    };
+
+    listen.metrics = {
+      enable = mkEnableOption "the metrics listener: HTTPS `GET /metrics` (OpenMetrics) behind the same mutual TLS";
+      address = mkOption {
+        type = types.str;
+        default = "0.0.0.0";
+        example = "10.0.0.1";
+        description = "Address of the metrics listener.";
+      };
+      port = mkOption {
+        type = types.port;
+        default = 9100;
+        description = "Port of the metrics listener.";
+      };
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Open the metrics port in the firewall.";
+      };
+      client = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "prometheus";
+        description = ''
+          Add a metrics-only client of this name: a certificate from vmd's
+          CA (`<pki.dir>/clients/<name>.{pem,key}`) for the Prometheus
+          server, whose identity has the `metrics` role (scrapes, nothing
+          else) over TCP. Any client with a role may scrape too.
+        '';
       };
     };
 
@@ -733,6 +788,14 @@ in
         assertion = cfg.listen.tcp.enable || cfg.listen.vsock.enable;
         message = "services.vmd: enable listen.tcp or listen.vsock.";
       }
+      {
+        assertion =
+          cfg.listen.metrics.client == null
+          || (
+            clientNameOk cfg.listen.metrics.client && !(cfg.clients ? ${cfg.listen.metrics.client})
+          );
+        message = "services.vmd.listen.metrics.client: must be a DNS label of [a-z0-9-] that no services.vmd.clients entry also names.";
+      }
     ]
     ++ lib.mapAttrsToList (name: _: {
       assertion = clientNameOk name;
@@ -802,6 +865,9 @@ in
           enable = mkDefault cfg.listen.vsock.enable;
           port = mkDefault cfg.listen.vsock.port;
         };
+      }
+      // lib.optionalAttrs cfg.listen.metrics.enable {
+        metrics.address = mkDefault metricsAddr;
       };
       tls = {
         ca = mkDefault "${pkiDir}/ca.pem";
@@ -812,16 +878,18 @@ in
         state_dir = mkDefault stateDir;
         inventory = mkDefault "/etc/vmd/inventory.toml";
       };
-      policy.identity = lib.mapAttrsToList identityOf cfg.clients;
+      policy.identity = lib.mapAttrsToList identityOf allClients;
     };
 
     environment.etc."vmd/vmd.toml".source = configFile;
     environment.etc."vmd/inventory.toml".source = inventoryFile;
     environment.systemPackages = [ cfg.package ];
 
-    networking.firewall.allowedTCPPorts = lib.optional (
-      cfg.listen.tcp.enable && cfg.listen.tcp.openFirewall
-    ) cfg.listen.tcp.port;
+    networking.firewall.allowedTCPPorts =
+      lib.optional (cfg.listen.tcp.enable && cfg.listen.tcp.openFirewall) cfg.listen.tcp.port
+      ++ lib.optional (
+        cfg.listen.metrics.enable && cfg.listen.metrics.openFirewall
+      ) cfg.listen.metrics.port;
 
     systemd.services.vmd-pki = {
       description = "vmd PKI: CA, server and client certificates";

@@ -300,6 +300,49 @@ let
       ]
       ++ modules;
     }).config;
+  # The plain host with the metrics listener, its firewall port and a
+  # metrics-only client.
+  withMetrics = evalHost {
+    microvm = false;
+    modules = [
+      {
+        services.vmd = {
+          enable = true;
+          listen.vsock.enable = false;
+          listen.tcp.enable = true;
+          listen.metrics = {
+            enable = true;
+            address = "10.0.0.1";
+            openFirewall = true;
+            client = "prometheus";
+          };
+          vms.fake-a.hypervisor = "qemu";
+          clients.admin = {
+            role = "admin";
+            vms = [ "*" ];
+          };
+        };
+      }
+    ];
+  };
+  metricsSettings = withMetrics.environment.etc."vmd/vmd.toml".source.value;
+  metricsClash = evalHost {
+    microvm = false;
+    modules = [
+      {
+        services.vmd = {
+          enable = true;
+          listen.tcp.enable = true;
+          listen.metrics = {
+            enable = true;
+            client = "admin";
+          };
+          clients.admin.role = "admin";
+        };
+      }
+    ];
+  };
+
   guest = evalGuest [ { programs.vmctl.enable = true; } ];
   guestTcp = evalGuest [
     {
@@ -321,6 +364,34 @@ let
     map (i: lib.elemAt args (i + 1)) idx;
 
   checks = [
+    # The metrics listener.
+    {
+      name = "metrics listener: off by default, no firewall port";
+      ok = !(settings.listen ? metrics) && !(lib.elem 9100 main.networking.firewall.allowedTCPPorts);
+      got = settings.listen;
+    }
+    {
+      name = "metrics listener: address, firewall port, a metrics-only client in the PKI and the policy";
+      ok =
+        metricsSettings.listen.metrics == { address = "10.0.0.1:9100"; }
+        && lib.elem 9100 withMetrics.networking.firewall.allowedTCPPorts
+        && lib.elem "prometheus" (argAfter "--client" withMetrics.services.vmd.pki.ensureArgs)
+        && lib.elem {
+          name = "prometheus";
+          role = "metrics";
+          vms = [ ];
+          transports = [ "tcp" ];
+        } metricsSettings.policy.identity;
+      got = {
+        inherit (metricsSettings) listen policy;
+        ports = withMetrics.networking.firewall.allowedTCPPorts;
+      };
+    }
+    {
+      name = "metrics listener: a metrics client may not reuse a client's name";
+      ok = lib.any (lib.hasInfix "listen.metrics.client") (failedAssertions metricsClash);
+      got = failedAssertions metricsClash;
+    }
     # CIDs: unique, stable, respecting declared ones (plain and mkDefault).
     {
       name = "assigned CIDs skip declared ones, sorted by name from the base";

@@ -24,6 +24,7 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod rig;
+pub mod scrape;
 pub mod tmux;
 
 use std::net::SocketAddr;
@@ -147,8 +148,21 @@ impl TestPki {
     /// # Panics
     /// If issuing or loading fails.
     pub fn raw_client_config(&self, name: &str) -> Arc<rustls::ClientConfig> {
+        self.raw_client_config_from(&self.ca, name)
+    }
+
+    /// As [`TestPki::raw_client_config`], with the certificate issued by
+    /// `ca` (maybe another CA).
+    ///
+    /// # Panics
+    /// If the certificate cannot be issued or loaded.
+    pub fn raw_client_config_from(
+        &self,
+        ca: &CertificateAuthority,
+        name: &str,
+    ) -> Arc<rustls::ClientConfig> {
         use rustls_pki_types::pem::PemObject;
-        let (cert, key) = self.client_files(&self.ca, name, Validity::days_from_now(1));
+        let (cert, key) = self.client_files(ca, name, Validity::days_from_now(1));
         let chain = rustls_pki_types::CertificateDer::pem_file_iter(&cert)
             .expect("cert file")
             .collect::<Result<Vec<_>, _>>()
@@ -195,6 +209,8 @@ pub struct TestServer {
     pub pki: TestPki,
     /// Every bound address.
     pub addrs: Vec<ListenAddr>,
+    /// The metrics listener's address, when the config turns it on.
+    pub metrics_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -229,11 +245,13 @@ impl TestServer {
         adjust(&mut config);
         let server = vmd::Server::bind(&config).await.expect("server binds");
         let addrs = server.local_addrs().to_vec();
+        let metrics_addr = server.metrics_addr();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(server.run(cancel.clone().cancelled_owned()));
         Self {
             pki,
             addrs,
+            metrics_addr,
             cancel,
             task,
         }

@@ -185,8 +185,15 @@ impl FromStr for OperationId {
     }
 }
 
-/// What a client may do. Ordered: each role includes the ones before it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// What a client may do. Ordered: `metrics` < `reader` < `operator` <
+/// `admin`, and each of `reader`, `operator` and `admin` includes the ones
+/// before it. `metrics` includes nothing: it may only scrape the metrics
+/// listener, and every request on the main listener answers `Forbidden`.
+///
+/// `Metrics` is declared last so the wire indices of the other roles stay
+/// as they were; the order is the manual [`Ord`] below, not the
+/// declaration order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Role {
     /// Host facts, inventory, VM info, operations, watch.
     Reader,
@@ -194,6 +201,32 @@ pub enum Role {
     Operator,
     /// Operator, plus resize and forced shutdown.
     Admin,
+    /// Scrapes the metrics listener and nothing else (below `Reader`).
+    Metrics,
+}
+
+impl Role {
+    /// The role's place in the order: `Metrics` below `Reader`.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Metrics => 0,
+            Self::Reader => 1,
+            Self::Operator => 2,
+            Self::Admin => 3,
+        }
+    }
+}
+
+impl Ord for Role {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
+    }
+}
+
+impl PartialOrd for Role {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl fmt::Display for Role {
@@ -202,6 +235,7 @@ impl fmt::Display for Role {
             Self::Reader => "reader",
             Self::Operator => "operator",
             Self::Admin => "admin",
+            Self::Metrics => "metrics",
         })
     }
 }
@@ -350,5 +384,25 @@ mod tests {
     #[test]
     fn role_order() {
         assert!(Role::Reader < Role::Operator && Role::Operator < Role::Admin);
+        assert!(Role::Metrics < Role::Reader);
+        let mut roles = [Role::Admin, Role::Metrics, Role::Operator, Role::Reader];
+        roles.sort();
+        assert_eq!(
+            roles,
+            [Role::Metrics, Role::Reader, Role::Operator, Role::Admin]
+        );
+    }
+
+    #[test]
+    fn role_wire_indices() {
+        // Declared last: the existing roles keep their postcard indices.
+        for (role, index) in [
+            (Role::Reader, 0u8),
+            (Role::Operator, 1),
+            (Role::Admin, 2),
+            (Role::Metrics, 3),
+        ] {
+            assert_eq!(postcard::to_stdvec(&role).expect("encodes"), vec![index]);
+        }
     }
 }

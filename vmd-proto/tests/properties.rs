@@ -65,7 +65,12 @@ fn operation_kind() -> impl Strategy<Value = OperationKind> {
 }
 
 fn role() -> impl Strategy<Value = Role> {
-    prop_oneof![Just(Role::Reader), Just(Role::Operator), Just(Role::Admin)]
+    prop_oneof![
+        Just(Role::Reader),
+        Just(Role::Operator),
+        Just(Role::Admin),
+        Just(Role::Metrics)
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {

@@ -19,6 +19,9 @@
 //! enable = true       # listen on <vsock_uds>_<port> of VMs that declare vsock_uds
 //! port = 9876
 //!
+//! [listen.metrics]
+//! address = "10.0.0.1:9100"   # HTTPS GET /metrics (OpenMetrics), same mTLS; off when absent
+//!
 //! [tls]
 //! ca = "/var/lib/vmd/pki/ca.pem"
 //! cert = "/var/lib/vmd/pki/server.pem"
@@ -58,7 +61,7 @@
 //!
 //! [[policy.identity]]
 //! name = "gui-vm"           # the certificate's SAN DNS name (or CN)
-//! role = "operator"         # reader < operator < admin
+//! role = "operator"         # metrics < reader < operator < admin (metrics: scrape only)
 //! vms = ["gui-vm", "app-*"] # what the role may change (default: nothing)
 //! visible = ["*"]           # what it may see at all (default: everything)
 //! bind_vm = "gui-vm"        # vsock peers must be this VM (or bind_cid = 3)
@@ -215,6 +218,8 @@ pub enum RoleName {
     Operator,
     /// `admin`
     Admin,
+    /// `metrics`: may scrape the metrics listener, nothing else.
+    Metrics,
     /// `none`: authenticated, but no rights.
     None,
 }
@@ -225,6 +230,7 @@ impl RoleName {
             Self::Reader => Some(Role::Reader),
             Self::Operator => Some(Role::Operator),
             Self::Admin => Some(Role::Admin),
+            Self::Metrics => Some(Role::Metrics),
             Self::None => None,
         }
     }
@@ -242,6 +248,18 @@ pub struct ListenFile {
     /// `[listen.hybrid_vsock]`
     #[serde(default)]
     pub hybrid_vsock: HybridVsockFile,
+    /// `[listen.metrics]`
+    #[serde(default)]
+    pub metrics: MetricsFile,
+}
+
+/// `[listen.metrics]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// The TCP address of the metrics listener (HTTPS, `GET /metrics`);
+    /// absent: no metrics listener.
+    pub address: Option<SocketAddr>,
 }
 
 /// `[listen.hybrid_vsock]`
@@ -342,6 +360,8 @@ pub struct Config {
     pub vsock: Option<VsockConfig>,
     /// The port of the hybrid vsock listeners, if enabled.
     pub hybrid_vsock_port: Option<u32>,
+    /// The metrics listener's TCP address, if enabled (off by default).
+    pub metrics: Option<SocketAddr>,
     /// TLS material.
     pub tls: TlsPaths,
     /// Resource limits and timeouts.
@@ -484,6 +504,7 @@ impl Default for Config {
                 required: false,
             }),
             hybrid_vsock_port: Some(u32::from(vmd_proto::DEFAULT_PORT)),
+            metrics: None,
             tls: TlsPaths::in_pki_dir(Path::new(DEFAULT_PKI_DIR)),
             limits: Limits::default(),
             log: LogConfig::default(),
@@ -672,6 +693,7 @@ impl Config {
             tcp: file.listen.tcp.unwrap_or(defaults.tcp),
             vsock,
             hybrid_vsock_port,
+            metrics: file.listen.metrics.address,
             tls,
             limits,
             log,
@@ -872,6 +894,32 @@ mod tests {
         assert_eq!(config.limits.max_connections, 10);
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            config.metrics, None,
+            "the metrics listener is off by default"
+        );
+    }
+
+    #[test]
+    fn metrics_listener_and_role() {
+        let config = parse(
+            r#"
+            [listen.metrics]
+            address = "127.0.0.1:9100"
+            [[policy.identity]]
+            name = "prometheus"
+            role = "metrics"
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(
+            config.metrics,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9100)))
+        );
+        let rule = config.policy.rule("prometheus").expect("rule");
+        assert_eq!(rule.role, Some(Role::Metrics));
+        let err = parse("[listen.metrics]\nport = 9100\n").expect_err("unknown key");
+        assert!(err.to_string().contains("port"), "{err}");
     }
 
     #[test]

@@ -55,6 +55,7 @@ use vmd_proto::{
 use crate::audit::{self, Outcome};
 use crate::config::Limits;
 use crate::handler::Handler;
+use crate::metrics::TlsRefusal;
 use crate::policy::{Grant, Policy};
 use crate::slots::Handshake;
 use crate::tls::PeerIdentity;
@@ -82,6 +83,9 @@ impl Session {
 /// What a reload replaces at once: TLS material (with CRLs) and policy.
 pub(crate) struct Reloadable {
     pub(crate) tls: TlsAcceptor,
+    /// The same TLS server config with ALPN `http/1.1`, for the metrics
+    /// listener.
+    pub(crate) metrics_tls: TlsAcceptor,
     pub(crate) policy: Policy,
 }
 
@@ -89,7 +93,7 @@ pub(crate) struct Reloadable {
 pub(crate) struct ConnectionContext {
     pub(crate) handler: Arc<Handler>,
     pub(crate) limits: Limits,
-    usage: Usage,
+    pub(crate) usage: Usage,
     current: RwLock<Arc<Reloadable>>,
 }
 
@@ -170,30 +174,8 @@ async fn serve_inner<S>(
     // One deadline for the TLS handshake and `Hello` together (step 1, 3).
     let deadline = Instant::now() + limits.handshake_timeout;
     let current = ctx.current();
-    let tls = match timeout_at(deadline, current.tls.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            debug!(%peer, error = %e, "TLS handshake refused");
-            audit::connection(&peer, None, &Outcome::Refused(format!("TLS: {e}")));
-            return;
-        }
-        Err(_) => {
-            debug!(%peer, "TLS handshake timed out");
-            audit::connection(
-                &peer,
-                None,
-                &Outcome::Refused("TLS handshake timed out".into()),
-            );
-            return;
-        }
-    };
-    let identity = match PeerIdentity::from_connection(tls.get_ref().1) {
-        Ok(identity) => identity,
-        Err(e) => {
-            debug!(%peer, error = %e, "refusing peer without a usable identity");
-            audit::connection(&peer, None, &Outcome::Refused(e.to_string()));
-            return;
-        }
+    let Some((tls, identity)) = accept_tls(&current.tls, stream, &peer, deadline).await else {
+        return;
     };
     let span = info_span!("conn", %peer, identity = %identity.name);
     let admission = current
@@ -303,6 +285,50 @@ async fn serve_inner<S>(
     }
     .instrument(span)
     .await;
+}
+
+/// The TLS handshake by `deadline` and the peer's identity from its
+/// verified certificate; `None` (audited, and counted by reason) when the
+/// handshake fails or times out, or the certificate names no identity.
+/// Shared by the main and the metrics listener.
+pub(crate) async fn accept_tls<S>(
+    acceptor: &TlsAcceptor,
+    stream: S,
+    peer: &PeerAddr,
+    deadline: Instant,
+) -> Option<(tokio_rustls::server::TlsStream<S>, PeerIdentity)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let counters = &crate::metrics::COUNTERS;
+    let tls = match timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake refused");
+            counters.tls_refusal(TlsRefusal::of(&e));
+            audit::connection(peer, None, &Outcome::Refused(format!("TLS: {e}")));
+            return None;
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            counters.tls_refusal(TlsRefusal::Timeout);
+            audit::connection(
+                peer,
+                None,
+                &Outcome::Refused("TLS handshake timed out".into()),
+            );
+            return None;
+        }
+    };
+    match PeerIdentity::from_connection(tls.get_ref().1) {
+        Ok(identity) => Some((tls, identity)),
+        Err(e) => {
+            debug!(%peer, error = %e, "refusing peer without a usable identity");
+            counters.tls_refusal(TlsRefusal::NoIdentity);
+            audit::connection(peer, None, &Outcome::Refused(e.to_string()));
+            None
+        }
+    }
 }
 
 /// The `Welcome` for an admitted session.
@@ -501,6 +527,7 @@ async fn serve_requests<T>(
                                 ),
                             };
                             refusals.note(session, Some(&request.body), &error);
+                            crate::metrics::COUNTERS.request(request.body.name(), Err(&error));
                             let response = Response { id: request.id, result: Err(error) };
                             if send(&mut framed, &response, limits.write_timeout).await.is_err() {
                                 break;

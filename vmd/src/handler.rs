@@ -235,6 +235,16 @@ impl Handler {
         });
     }
 
+    /// The host probe (the metrics listener reads it as `Host` does).
+    pub fn host(&self) -> &HostProbe {
+        &self.host
+    }
+
+    /// The VM service (the metrics listener reads the live model).
+    pub fn vms(&self) -> &VmService {
+        &self.vms
+    }
+
     /// The vsock CID the inventory declares for a VM (for vsock binding).
     pub fn cid_of(&self, vm: &vmd_proto::VmName) -> Option<u32> {
         self.vms.cid_of(vm)
@@ -254,6 +264,7 @@ impl Handler {
             debug!(error = %err, "request failed");
             ErrorReply::from(err)
         });
+        crate::metrics::COUNTERS.request(body.name(), result.as_ref().map(|_| ()));
         if audit::is_audited(&body, &result) {
             let outcome = match &result {
                 Ok(Reply::Accepted(op)) => Outcome::Accepted(op.id),
@@ -403,6 +414,60 @@ mod tests {
 
     fn kvm_usable() -> bool {
         kvm_ioctls::Kvm::new().is_ok()
+    }
+
+    #[tokio::test]
+    async fn the_metrics_role_is_forbidden_everything() {
+        let f = fixture(None).await;
+        let app = || vm("app-vm");
+        let every_op = [
+            Op::Host,
+            Op::ListVms,
+            Op::GetVm { name: app() },
+            Op::GetOperation { id: OperationId(1) },
+            Op::WaitOperation {
+                id: OperationId(1),
+                timeout_ms: 1,
+            },
+            Op::Watch {
+                since: 0,
+                vms: Vec::new(),
+                timeout_ms: 1,
+            },
+            Op::Start { name: app() },
+            Op::Shutdown {
+                name: app(),
+                force: false,
+                timeout_secs: None,
+            },
+            Op::Shutdown {
+                name: app(),
+                force: true,
+                timeout_secs: None,
+            },
+            Op::Restart { name: app() },
+            Op::Pause { name: app() },
+            Op::Resume { name: app() },
+            Op::Resize {
+                name: app(),
+                vcpus: Some(2),
+                memory: None,
+            },
+        ];
+        for op in every_op {
+            let name = op.name();
+            match ask(&f, Some(Role::Metrics), op).await {
+                Err(ErrorReply::Forbidden { reason }) => {
+                    assert!(reason.starts_with("role metrics may not"), "{reason}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // A reader still reads.
+        assert!(matches!(
+            ask(&f, Some(Role::Reader), Op::ListVms).await,
+            Ok(Reply::Vms(_))
+        ));
     }
 
     #[tokio::test]

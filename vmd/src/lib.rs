@@ -21,6 +21,8 @@
 //! - [`policy`]: identities, roles, scopes, transport and vsock binding.
 //! - [`audit`]: the audit log of changes and denials.
 //! - [`usage`]: per-identity connection cap and request rate.
+//! - [`metrics`]: the metrics listener: OpenMetrics over HTTPS, the
+//!   series, and vmd's own counters.
 //!
 //! The VMs ([`vms`]):
 //! - [`vms::inventory`]: the VMs the host declares (microvm.nix, inventory file).
@@ -70,6 +72,7 @@ pub mod drivers;
 pub mod handler;
 pub mod host;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod pki;
 pub mod policy;

@@ -2,12 +2,14 @@
 //!
 //! 1. [`Server::bind`] loads TLS, binds every configured TCP address and
 //!    the AF_VSOCK listener (a host without vsock logs it and carries on
-//!    with TCP, unless vsock is `required`).
+//!    with TCP, unless vsock is `required`), and the metrics listener when
+//!    configured (see [`crate::metrics`]).
 //! 2. [`Server::run`] runs one accept loop per listener. A loop accepts,
 //!    gets the connection a slot under the connection cap (evicting the
 //!    oldest unfinished handshake, or shedding the new connection: see
 //!    `slots`), backs off on accept errors (e.g. `EMFILE`), and spawns the
-//!    connection on a task tracker.
+//!    connection on a task tracker. The metrics listener's loop is the
+//!    same loop, under the same cap; only its connections speak HTTP.
 //! 3. When `shutdown` resolves, the loops stop accepting, connections stop
 //!    reading new requests and answer the ones in flight, and `run` waits
 //!    for them up to the shutdown grace period.
@@ -28,6 +30,7 @@ use crate::drivers::qemu::Qmp;
 use crate::drivers::systemd::Systemd;
 use crate::handler::Handler;
 use crate::host::HostProbe;
+use crate::metrics::{self, COUNTERS, ListenerKind};
 use crate::slots::Slots;
 use crate::tls::{self, TlsError};
 use crate::transport::{self, ListenAddr, Listener};
@@ -73,6 +76,7 @@ enum AnyListener {
 pub struct Server {
     listeners: Vec<AnyListener>,
     addrs: Vec<ListenAddr>,
+    metrics: Option<(tokio::net::TcpListener, std::net::SocketAddr)>,
     ctx: Arc<ConnectionContext>,
 }
 
@@ -159,6 +163,18 @@ impl Server {
                 Err(e) => warn!(error = %e, "cannot read the inventory for hybrid vsock sockets"),
             }
         }
+        let metrics = match config.metrics {
+            Some(addr) => {
+                let bind_err = |source| ServerError::Bind {
+                    addr: format!("https://{addr} (metrics)"),
+                    source,
+                };
+                let listener = transport::bind_tcp(addr).await.map_err(bind_err)?;
+                let local = listener.local_addr().map_err(bind_err)?;
+                Some((listener, local))
+            }
+            None => None,
+        };
         if listeners.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "listen",
@@ -173,6 +189,7 @@ impl Server {
         Ok(Self {
             listeners,
             addrs,
+            metrics,
             ctx: Arc::new(ConnectionContext::new(handler, config.limits, reloadable)),
         })
     }
@@ -189,6 +206,11 @@ impl Server {
         &self.addrs
     }
 
+    /// The metrics listener's bound address, if it is configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|(_, addr)| *addr)
+    }
+
     /// Serves until `shutdown` resolves, then drains (see module docs).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let cancel = CancellationToken::new();
@@ -203,11 +225,29 @@ impl Server {
                 tracker.clone(),
                 slots.clone(),
             );
+            let main = ListenerKind::Main;
             match listener {
-                AnyListener::Tcp(l) => loops.spawn(accept_loop(l, ctx, slots, tracker, cancel)),
-                AnyListener::Vsock(l) => loops.spawn(accept_loop(l, ctx, slots, tracker, cancel)),
-                AnyListener::Hybrid(l) => loops.spawn(accept_loop(l, ctx, slots, tracker, cancel)),
+                AnyListener::Tcp(l) => {
+                    loops.spawn(accept_loop(l, main, ctx, slots, tracker, cancel))
+                }
+                AnyListener::Vsock(l) => {
+                    loops.spawn(accept_loop(l, main, ctx, slots, tracker, cancel))
+                }
+                AnyListener::Hybrid(l) => {
+                    loops.spawn(accept_loop(l, main, ctx, slots, tracker, cancel))
+                }
             };
+        }
+        if let Some((listener, addr)) = self.metrics {
+            info!(addr = %format_args!("https://{addr}/metrics"), "listening for metrics scrapes");
+            loops.spawn(accept_loop(
+                listener,
+                ListenerKind::Metrics,
+                self.ctx.clone(),
+                slots.clone(),
+                tracker.clone(),
+                cancel.clone(),
+            ));
         }
         shutdown.await;
         info!("shutting down");
@@ -257,10 +297,13 @@ impl ServerHandle {
 
 /// TLS material and policy from `config`, checked before use.
 fn reloadable(config: &Config) -> Result<Reloadable, ServerError> {
-    let tls = TlsAcceptor::from(tls::server_config(&config.tls)?);
+    let server_config = tls::server_config(&config.tls)?;
+    let metrics_tls = TlsAcceptor::from(tls::metrics_config(&server_config));
+    let tls = TlsAcceptor::from(server_config);
     warn_about_expiry(&config.tls);
     Ok(Reloadable {
         tls,
+        metrics_tls,
         policy: config.policy.clone(),
     })
 }
@@ -291,6 +334,7 @@ fn warn_about_expiry(paths: &crate::config::TlsPaths) {
 /// Accepts connections from one listener until cancelled.
 async fn accept_loop<L: Listener>(
     listener: L,
+    kind: ListenerKind,
     ctx: Arc<ConnectionContext>,
     slots: Arc<Slots>,
     tracker: TaskTracker,
@@ -309,9 +353,17 @@ async fn accept_loop<L: Listener>(
                     drop(stream); // shed: see `slots`
                     continue;
                 };
+                COUNTERS.connection(kind, &peer);
                 let (ctx, cancel) = (ctx.clone(), cancel.clone());
                 tracker.spawn(async move {
-                    connection::serve(stream, peer, ctx, cancel, handshake).await;
+                    match kind {
+                        ListenerKind::Main => {
+                            connection::serve(stream, peer, ctx, cancel, handshake).await;
+                        }
+                        ListenerKind::Metrics => {
+                            metrics::http::serve(stream, peer, ctx, cancel, handshake).await;
+                        }
+                    }
                     drop(permit);
                 });
             }

@@ -183,6 +183,15 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// The metrics listener's TLS config: `main` (the same certificates,
+/// client-certificate verifier, CRLs and ticket keys) with ALPN
+/// `http/1.1` instead of vmd's protocol.
+pub fn metrics_config(main: &ServerConfig) -> Arc<ServerConfig> {
+    let mut config = main.clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 /// A client chain that is longer than leaf ← vmd CA.
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {

@@ -25,6 +25,12 @@
 //! its CPU ticks and context switches then are the cost of following
 //! systemd without polling.
 //!
+//! With `--metrics` (with `--idle-watchers`), vmd's metrics listener is on
+//! during the idle run (not scraped: it must cost nothing), and afterwards
+//! a vmd in this process serving the same host is scraped over one
+//! kept-alive mTLS connection, as Prometheus does, for `--seconds`: the
+//! scrape's latency percentiles and size (`op` = `scrape`).
+//!
 //! With `--system-cpu`, each measurement also reports the CPU time every
 //! process serving the reads spent per request (`cpu_us_per_req_*`): vmd
 //! (this process's threads), the client (`vmd-bench`, reaped child), and,
@@ -61,12 +67,13 @@ struct Args {
     idle_seconds: f64,
     vmd: Option<PathBuf>,
     system_cpu: bool,
+    metrics: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: vmd-scale --bench PATH [--vms 1,10,100] [--running N] [--seconds S] [--system-cpu] [--json]\n\
-         \x20      vmd-scale --bench PATH --vmd PATH --idle-watchers N [--idle-seconds S] [--vms N] [--json]"
+         \x20      vmd-scale --bench PATH --vmd PATH --idle-watchers N [--idle-seconds S] [--vms N] [--metrics] [--json]"
     );
     std::process::exit(2)
 }
@@ -82,6 +89,7 @@ fn parse_args() -> Args {
         idle_seconds: 60.0,
         vmd: None,
         system_cpu: false,
+        metrics: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -103,6 +111,7 @@ fn parse_args() -> Args {
             "--idle-seconds" => args.idle_seconds = value().parse().unwrap_or_else(|_| usage()),
             "--vmd" => args.vmd = Some(value().into()),
             "--system-cpu" => args.system_cpu = true,
+            "--metrics" => args.metrics = true,
             _ => usage(),
         }
     }
@@ -248,10 +257,18 @@ async fn idle_watching(args: &Args, vmd: &Path) -> Vec<Value> {
         .port();
     let config = pki.scratch().join("vmd.toml");
     let path = |p: &Path| p.display().to_string();
+    let metrics = if args.metrics {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port");
+        format!("[listen.metrics]\naddress = \"{addr}\"\n")
+    } else {
+        String::new()
+    };
     std::fs::write(
         &config,
         format!(
-            "[listen]\ntcp = [\"127.0.0.1:{port}\"]\n[listen.vsock]\nenable = false\n\
+            "[listen]\ntcp = [\"127.0.0.1:{port}\"]\n[listen.vsock]\nenable = false\n{metrics}\
              [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
              [vms]\nstate_dir = {state:?}\ninventory = {inventory:?}\nsystemd_bus = {bus:?}\n{cgroup}\
              [policy]\ndefault_role = \"reader\"\n",
@@ -303,9 +320,63 @@ async fn idle_watching(args: &Args, vmd: &Path) -> Vec<Value> {
         r["vms"] = count.into();
         r["running"] = running.into();
         r["systemd"] = "nspawn".into();
+        r["metrics_listener"] = args.metrics.into();
+    }
+    if args.metrics {
+        let mut row = scrapes(args, &host, &container).await;
+        row["vms"] = count.into();
+        row["running"] = running.into();
+        results.push(row);
     }
     container.stop().await;
     results
+}
+
+/// Scrapes of a vmd in this process serving `host`, over one kept-alive
+/// mTLS connection for `--seconds`: latency percentiles and size.
+async fn scrapes(args: &Args, host: &MicrovmHost, container: &SystemdContainer) -> Value {
+    let server = TestServer::start_with(|c| {
+        c.metrics = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.vms.inventory = InventorySource {
+            state_dir: host.state_dir(),
+            file: Some(host.inventory()),
+        };
+        c.vms.systemd_bus = Some(container.bus_address());
+        c.vms.cgroup_root = container.cgroup_root();
+        c.limits.identity.requests_per_second = 1e6;
+        c.limits.identity.burst = 1_000_000;
+    })
+    .await;
+    let addr = server.metrics_addr.expect("metrics listener");
+    let tls = vmd_tests::scrape::metrics_tls(&server.pki, "bench");
+    let mut conn = vmd_tests::scrape::KeptAlive::connect(addr, tls)
+        .await
+        .expect("metrics connection");
+    let (status, bytes) = conn.get("/metrics").await.expect("first scrape");
+    assert_eq!(status, 200, "scrape answered {status}");
+    let mut latencies = Vec::new();
+    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    while Instant::now() < until {
+        let start = Instant::now();
+        let (status, _) = conn.get("/metrics").await.expect("scrape");
+        latencies.push(start.elapsed());
+        assert_eq!(status, 200);
+    }
+    latencies.sort();
+    let pct = |p: usize| {
+        let i = (latencies.len() * p / 100).min(latencies.len() - 1);
+        u64::try_from(latencies[i].as_micros()).unwrap_or(u64::MAX)
+    };
+    let row = serde_json::json!({
+        "op": "scrape",
+        "scrapes": latencies.len(),
+        "p50_us": pct(50),
+        "p90_us": pct(90),
+        "p99_us": pct(99),
+        "bytes": bytes,
+    });
+    server.stop().await;
+    row
 }
 
 #[tokio::main]

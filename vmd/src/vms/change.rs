@@ -169,6 +169,7 @@ impl VmService {
                     Err(e) => warn!(error = %e, "failed"),
                 }
                 let result = result.map_err(ErrorReply::from);
+                crate::metrics::COUNTERS.operation(guard.info().kind, result.is_ok());
                 let kind = guard.info().kind.to_string();
                 audit::finished(
                     &owner,

@@ -168,6 +168,11 @@ impl Changes {
         })
     }
 
+    /// Open watches, all identities together.
+    pub fn total_watchers(&self) -> usize {
+        self.lock().watchers.values().sum()
+    }
+
     /// Open watches of `identity`.
     pub fn watchers(&self, identity: &str) -> usize {
         self.lock().watchers.get(identity).copied().unwrap_or(0)
