@@ -399,7 +399,7 @@ mod tests {
     #[test]
     fn a_watch_line_names_the_vm_and_its_state_first() {
         let vm: VmInfo = serde_json::from_value(serde_json::json!({
-            "name": "gui-vm", "description": null, "hypervisor": null, "state": "Running",
+            "name": "gui-vm", "description": null, "hypervisor": null, "state": "running",
             "autostart": null, "protected": false, "vsock_cid": null,
             "vcpus": {"declared": 2, "current": 2, "max": 4},
             "memory": {"declared": 2147483648_u64, "current": null, "balloon_actual": null, "max": null},
