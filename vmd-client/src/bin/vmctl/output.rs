@@ -46,6 +46,7 @@ pub(crate) fn config(
             "connect_timeout",
             format!("{} ms", config.connect_timeout.as_millis()),
         ),
+        ("hosts", list_or_dash(config.hosts.keys().cloned())),
     ])
     .trim_end()
     .to_owned()

@@ -51,3 +51,59 @@ fn write_stdout(bytes: &[u8]) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(shell: clap_complete::Shell) -> String {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Args::command(), "vmctl", &mut out);
+        String::from_utf8(out).expect("UTF-8")
+    }
+
+    #[test]
+    fn completions_know_the_subcommands_and_flags() {
+        use clap_complete::Shell::{Bash, Fish, Zsh};
+        for shell in [Bash, Zsh, Fish] {
+            let text = script(shell);
+            // fish spells a long flag `-l all-hosts`.
+            for word in ["start", "resize", "watch", "all-hosts", "json"] {
+                assert!(text.contains(word), "{shell}: no {word}");
+            }
+        }
+        // zsh is not on every machine; where it is, the script must parse.
+        if let Ok(status) = std::process::Command::new("zsh")
+            .args(["-n", "-c", &script(Zsh)])
+            .status()
+        {
+            assert!(status.success(), "zsh -n");
+        }
+    }
+
+    #[test]
+    fn man_pages_name_the_subcommands_and_exit_codes() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Args::command())
+            .render(&mut page)
+            .expect("renders");
+        let page = String::from_utf8(page).expect("UTF-8");
+        for word in [
+            "vmctl",
+            "start",
+            "list",
+            "watch",
+            "Exit codes",
+            "all\\-hosts",
+        ] {
+            assert!(page.contains(word), "no {word} in the page");
+        }
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let dir = dir.path();
+        assert_eq!(man(Some(dir)), ExitCode::SUCCESS);
+        for page in ["vmctl.1", "vmctl-list.1", "vmctl-start.1", "vmctl-stop.1"] {
+            assert!(dir.join(page).is_file(), "{page}");
+        }
+        assert!(!dir.join("vmctl-completions.1").exists(), "hidden");
+    }
+}
