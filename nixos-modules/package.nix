@@ -2,6 +2,7 @@
 {
   lib,
   rustPlatform,
+  installShellFiles,
 }:
 let
   root = ../.;
@@ -63,6 +64,19 @@ rustPlatform.buildRustPackage {
     "vmd-client"
     "--lib"
   ];
+
+  # vmctl's completions and man pages, generated from its clap definitions
+  # by the binary just built (`vmctl completions SHELL`, `vmctl man DIR`).
+  nativeBuildInputs = [ installShellFiles ];
+  postInstall = ''
+    installShellCompletion --cmd vmctl \
+      --bash <($out/bin/vmctl completions bash) \
+      --zsh <($out/bin/vmctl completions zsh) \
+      --fish <($out/bin/vmctl completions fish)
+    mkdir -p vmctl-man
+    $out/bin/vmctl man vmctl-man
+    installManPage vmctl-man/*.1
+  '';
 
   meta = {
     description = "VM information-and-control daemon (vmd) and client (vmctl) for Ghaf KVM hosts";

@@ -60,7 +60,12 @@ let
     };
   };
 
-  pkgArgs = lib: import ../package.nix { inherit lib rustPlatform; };
+  pkgArgs =
+    lib:
+    import ../package.nix {
+      inherit lib rustPlatform;
+      installShellFiles = "installShellFiles";
+    };
   pkg = pkgArgs (if nixpkgsLib == null then stubLib else realLib);
   selected =
     if nixpkgsLib == null then

@@ -49,8 +49,8 @@ async fn vmctl_watch_prints_the_vms_then_their_changes() {
         .collect();
     let names: Vec<&str> = snapshot.iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(names, [GUARDED, AUTO, COLD], "sorted by name: {out}");
-    assert_eq!(snapshot[1]["state"], "Running");
-    assert_eq!(snapshot[2]["state"], "Stopped");
+    assert_eq!(snapshot[1]["state"], "running");
+    assert_eq!(snapshot[2]["state"], "stopped");
 
     // Another process starts cold-vm: the watch shows it running.
     let mut watch = rig
@@ -63,7 +63,7 @@ async fn vmctl_watch_prints_the_vms_then_their_changes() {
     let first = next_json(&mut lines).await.expect("the snapshot line");
     assert_eq!(
         (&first["name"], &first["state"]),
-        (&COLD.into(), &"Stopped".into())
+        (&COLD.into(), &"stopped".into())
     );
     // --wait: the start ends once vmd's monitor has the VM's live facts,
     // which the next watch's first line shows.
@@ -73,7 +73,7 @@ async fn vmctl_watch_prints_the_vms_then_their_changes() {
             .await
             .expect("a line for cold-vm running");
         assert_eq!(line["name"], COLD, "only the watched VM: {line}");
-        if line["state"] == "Running" {
+        if line["state"] == "running" {
             assert!(line["pid"].as_u64().is_some(), "{line}");
             // Its live facts come with it or in a later line (vmd's own
             // monitor attaches once QEMU runs); the next watch's first

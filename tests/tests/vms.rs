@@ -101,13 +101,13 @@ async fn vmctl_sees_and_changes_real_vms() {
     // The true states, and what systemd says.
     let vms = list_json(&rig.vmctl_ok(&["list", "--json"]).await);
     assert_eq!(vms.len(), 3);
-    assert_eq!(find(&vms, AUTO)["state"], "Running");
+    assert_eq!(find(&vms, AUTO)["state"], "running");
     assert_eq!(find(&vms, AUTO)["autostart"], true);
     assert_eq!(find(&vms, AUTO)["vcpus"]["current"], 1);
     assert_eq!(find(&vms, AUTO)["vcpus"]["max"], 4);
     assert_eq!(find(&vms, AUTO)["memory"]["current"], 256 << 20);
     assert!(find(&vms, AUTO)["pid"].as_u64().is_some());
-    assert_eq!(find(&vms, COLD)["state"], "Stopped");
+    assert_eq!(find(&vms, COLD)["state"], "stopped");
     assert_eq!(find(&vms, COLD)["autostart"], false);
     assert_eq!(find(&vms, COLD)["pid"], Value::Null);
     assert_eq!(find(&vms, GUARDED)["protected"], true);
@@ -121,7 +121,7 @@ async fn vmctl_sees_and_changes_real_vms() {
     assert_eq!(rig.active_state(COLD).await, "active");
     let info: Value =
         serde_json::from_str(&rig.vmctl_ok(&["info", COLD, "--json"]).await).expect("JSON");
-    assert_eq!(info["state"], "Running");
+    assert_eq!(info["state"], "running");
 
     // Resize vCPUs: QEMU itself reports three.
     rig.vmctl_ok(&["resize", COLD, "--vcpus", "3", "--wait"])
@@ -150,7 +150,7 @@ async fn vmctl_sees_and_changes_real_vms() {
     );
     let info: Value =
         serde_json::from_str(&rig.vmctl_ok(&["info", AUTO, "--json"]).await).expect("JSON");
-    assert_eq!(info["state"], "Paused");
+    assert_eq!(info["state"], "paused");
     rig.vmctl_ok(&["resume", AUTO, "--wait"]).await;
     assert_eq!(
         qmp(&rig.host.socket(AUTO), "query-status").await["status"],

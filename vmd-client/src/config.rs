@@ -12,8 +12,21 @@
 //! key = "/etc/vmd/client.key"
 //! server_name = "vmd"
 //! connect_timeout_ms = 3000
+//!
+//! # Named hosts, for `vmctl --host NAME` and `vmctl list --all-hosts`.
+//! # Each needs its endpoints; ca, cert, key and server_name default to
+//! # the top-level ones above.
+//! [hosts.edge-1]
+//! endpoints = ["tcp://10.0.0.1:9876"]
+//! [hosts.edge-2]
+//! endpoints = ["tcp://10.0.0.2:9876"]
+//! ca = "/etc/vmd/edge-2-ca.pem"
+//! server_name = "edge-2"
 //! ```
+//!
+//! The top-level settings are the host vmctl asks without `--host`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,6 +68,59 @@ pub enum ConfigError {
         #[source]
         source: EndpointError,
     },
+    /// `--host` names a host the file does not declare.
+    #[error("{}", unknown_host(name, known))]
+    UnknownHost {
+        /// The name asked for.
+        name: String,
+        /// The hosts the file declares.
+        known: Vec<String>,
+    },
+}
+
+fn unknown_host(name: &str, known: &[String]) -> String {
+    if known.is_empty() {
+        format!("no host {name:?}: the config declares no [hosts.NAME]")
+    } else {
+        format!("no host {name:?}; known hosts: {}", known.join(", "))
+    }
+}
+
+/// A `[hosts.NAME]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostFile {
+    endpoints: Vec<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+/// A named host: where it listens and, where it differs from the
+/// top-level settings, how vmctl authenticates to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Tried in order.
+    pub endpoints: Vec<Endpoint>,
+    /// The CA that signs this host's certificate.
+    pub ca: PathBuf,
+    /// This client's certificate for this host.
+    pub cert: PathBuf,
+    /// This client's key for this host.
+    pub key: PathBuf,
+    /// The name this host's certificate must carry.
+    pub server_name: String,
+}
+
+/// Whether `name` can name a host: 1 to 64 ASCII letters, digits, `-`,
+/// `_` or `.`.
+fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +133,8 @@ struct File {
     key: Option<PathBuf>,
     server_name: Option<String>,
     connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    hosts: BTreeMap<String, HostFile>,
 }
 
 /// Client settings, from a file or the defaults.
@@ -86,6 +154,8 @@ pub struct ClientConfig {
     pub server_name: String,
     /// Bound on each connection step.
     pub connect_timeout: Duration,
+    /// Named hosts (`[hosts.NAME]`), by name.
+    pub hosts: BTreeMap<String, HostConfig>,
 }
 
 impl Default for ClientConfig {
@@ -100,6 +170,7 @@ impl Default for ClientConfig {
             key: "/etc/vmd/client.key".into(),
             server_name: vmd_proto::SERVER_NAME.into(),
             connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
+            hosts: BTreeMap::new(),
         }
     }
 }
@@ -114,6 +185,29 @@ impl ClientConfig {
             key: vmd_proto::dev::client_key(),
             ..Self::default()
         }
+    }
+
+    /// The settings for the named host: its endpoints and TLS files, the
+    /// rest (the timeout, `auto_tcp`) from these settings.
+    ///
+    /// # Errors
+    /// [`ConfigError::UnknownHost`], which lists the known hosts.
+    pub fn for_host(&self, name: &str) -> Result<Self, ConfigError> {
+        let host = self
+            .hosts
+            .get(name)
+            .ok_or_else(|| ConfigError::UnknownHost {
+                name: name.to_owned(),
+                known: self.hosts.keys().cloned().collect(),
+            })?;
+        Ok(Self {
+            endpoints: host.endpoints.clone(),
+            ca: host.ca.clone(),
+            cert: host.cert.clone(),
+            key: host.key.clone(),
+            server_name: host.server_name.clone(),
+            ..self.clone()
+        })
     }
 
     /// The first existing file of the search order, if any.
@@ -182,16 +276,50 @@ impl ClientConfig {
                 endpoints
             }
         };
+        let ca = file.ca.unwrap_or(defaults.ca);
+        let cert = file.cert.unwrap_or(defaults.cert);
+        let key = file.key.unwrap_or(defaults.key);
+        let server_name = file.server_name.unwrap_or(defaults.server_name);
+        let mut hosts = BTreeMap::new();
+        for (name, host) in file.hosts {
+            let parse_err = |message: String| ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("[hosts.{name}]: {message}"),
+            };
+            if !valid_host_name(&name) {
+                return Err(parse_err(
+                    "a host name is 1 to 64 letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+            if host.endpoints.is_empty() {
+                return Err(parse_err("endpoints is empty".into()));
+            }
+            let mut endpoints = Vec::new();
+            for e in &host.endpoints {
+                endpoints.extend(Endpoint::parse_list_via(e, &auto_tcp).map_err(|source| {
+                    parse_err(format!("endpoints: {}", crate::error_chain(&source)))
+                })?);
+            }
+            let config = HostConfig {
+                endpoints,
+                ca: host.ca.unwrap_or_else(|| ca.clone()),
+                cert: host.cert.unwrap_or_else(|| cert.clone()),
+                key: host.key.unwrap_or_else(|| key.clone()),
+                server_name: host.server_name.unwrap_or_else(|| server_name.clone()),
+            };
+            hosts.insert(name, config);
+        }
         Ok(Self {
             endpoints,
             auto_tcp,
-            ca: file.ca.unwrap_or(defaults.ca),
-            cert: file.cert.unwrap_or(defaults.cert),
-            key: file.key.unwrap_or(defaults.key),
-            server_name: file.server_name.unwrap_or(defaults.server_name),
+            ca,
+            cert,
+            key,
+            server_name,
             connect_timeout: file
                 .connect_timeout_ms
                 .map_or(defaults.connect_timeout, Duration::from_millis),
+            hosts,
         })
     }
 }
@@ -228,6 +356,85 @@ mod tests {
             err.to_string().contains("auto_tcp must be a tcp://"),
             "{err}"
         );
+    }
+
+    const HOSTS: &str = "ca = \"/ca\"\ncert = \"/cert\"\nkey = \"/key\"\n\
+        [hosts.edge-1]\nendpoints = [\"tcp://10.0.0.1:9876\"]\n\
+        [hosts.edge-2]\nendpoints = [\"tcp://10.0.0.2:1\", \"tcp://10.0.0.3:1\"]\n\
+        ca = \"/ca2\"\nserver_name = \"edge-2\"\n";
+
+    #[test]
+    fn named_hosts_default_to_the_top_level_files() {
+        let config = ClientConfig::parse(HOSTS, Path::new("client.toml")).expect("valid");
+        assert_eq!(
+            config.hosts.keys().collect::<Vec<_>>(),
+            ["edge-1", "edge-2"]
+        );
+        // Without --host: the top-level settings, loopback.
+        assert_eq!(config.endpoints, vec![Endpoint::loopback()]);
+        let one = config.for_host("edge-1").expect("known");
+        assert_eq!(
+            one.endpoints,
+            vec!["tcp://10.0.0.1:9876".parse().expect("valid")]
+        );
+        assert_eq!(
+            (one.ca.as_path(), one.cert.as_path(), one.key.as_path()),
+            (Path::new("/ca"), Path::new("/cert"), Path::new("/key"))
+        );
+        assert_eq!(one.server_name, "vmd");
+        let two = config.for_host("edge-2").expect("known");
+        assert_eq!(two.endpoints.len(), 2);
+        assert_eq!(two.ca, Path::new("/ca2"));
+        assert_eq!(two.cert, Path::new("/cert"));
+        assert_eq!(two.server_name, "edge-2");
+        assert_eq!(two.connect_timeout, config.connect_timeout);
+    }
+
+    #[test]
+    fn an_unknown_host_lists_the_known_ones() {
+        let config = ClientConfig::parse(HOSTS, Path::new("client.toml")).expect("valid");
+        let err = config.for_host("edge-3").expect_err("unknown");
+        assert_eq!(
+            err.to_string(),
+            "no host \"edge-3\"; known hosts: edge-1, edge-2"
+        );
+        let err = ClientConfig::default()
+            .for_host("edge-1")
+            .expect_err("none declared");
+        assert!(
+            err.to_string().contains("declares no [hosts.NAME]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_host_tables_say_which_and_why() {
+        let cases = [
+            ("[hosts.a]\nca = \"/x\"\n", "endpoints"),
+            (
+                "[hosts.a]\nendpoints = []\n",
+                "[hosts.a]: endpoints is empty",
+            ),
+            (
+                "[hosts.a]\nendpoints = [\"x://y\"]\n",
+                "[hosts.a]: endpoints: ",
+            ),
+            (
+                "[hosts.a]\nendpoints = [\"auto\"]\nport = 1\n",
+                "unknown field `port`",
+            ),
+            (
+                "[hosts.\"a b\"]\nendpoints = [\"auto\"]\n",
+                "[hosts.a b]: a host name",
+            ),
+            ("hosts = 3\n", "hosts"),
+        ];
+        for (text, expected) in cases {
+            let err = ClientConfig::parse(text, Path::new("c.toml")).expect_err(text);
+            let chain = crate::error_chain(&err);
+            assert!(chain.contains(expected), "{text}: {chain}");
+            assert!(chain.starts_with("c.toml: "), "{chain}");
+        }
     }
 
     #[test]

@@ -16,8 +16,12 @@
 //! - [`tls`]: client TLS configuration from PEM files.
 //! - [`client`]: the connection, its driver task and the typed calls.
 //! - [`watch`]: following VMs through a chain of `Watch` long-polls.
-//! - [`config`]: the `client.toml` file and where it is looked up.
-//! - `src/bin/vmctl/`: the `vmctl` command line tool.
+//! - [`config`]: the `client.toml` file, its named hosts
+//!   (`[hosts.NAME]`) and where it is looked up.
+//! - `src/bin/vmctl/`: the `vmctl` command line tool: `main.rs` (arguments,
+//!   settings, one command per run, several VMs per change), `output.rs`
+//!   (tables and JSON), `hosts.rs` (`list --all-hosts`), `watch.rs`,
+//!   `top.rs`, `pages.rs` (completions and man pages).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -12,6 +12,8 @@
 //!   `Response`/`Reply`, the closed error enum `ErrorReply`, and the
 //!   host/VM/operation records.
 //! - [`frame`]: `u32` big-endian length prefix + postcard body; limits.
+//! - [`json`]: the JSON spelling of the same values (lower-case
+//!   `snake_case`, tagged objects), which leaves the wire bytes alone.
 //! - `codec` (feature `codec`): `FrameCodec` for `tokio_util::codec`.
 //! - [`dev`]: where `vmd serve --dev` and `vmctl --dev` meet.
 //! - [`error_chain`]: one-line error reports for both command lines.
@@ -44,6 +46,7 @@
 #[cfg(feature = "codec")]
 pub mod codec;
 pub mod frame;
+pub mod json;
 pub mod message;
 pub mod types;
 
@@ -147,7 +150,7 @@ mod tests {
         assert_eq!(&back, msg);
     }
 
-    fn sample_vm() -> VmInfo {
+    pub(crate) fn sample_vm() -> VmInfo {
         VmInfo {
             name: vm("gui-vm"),
             description: Some("GUI".into()),
@@ -218,7 +221,7 @@ mod tests {
         }
     }
 
-    fn sample_host() -> HostInfo {
+    pub(crate) fn sample_host() -> HostInfo {
         HostInfo {
             hostname: "ghaf-host".into(),
             kernel: "6.1.0".into(),

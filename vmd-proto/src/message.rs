@@ -203,6 +203,7 @@ pub enum Reply {
 /// Why a request failed. The set is closed: a client can handle every case.
 /// Messages are for people; they never carry server internals.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(remote = "Self")]
 pub enum ErrorReply {
     /// The peer has no verified identity.
     #[error("not authenticated")]
@@ -339,6 +340,7 @@ pub struct CpuInfo {
 
 /// A CPU's hardware virtualization extension flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum VirtFlag {
     /// Intel VT-x.
     Vmx,
@@ -359,6 +361,7 @@ pub struct MemoryInfo {
 
 /// Whether this host can run VMs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub enum Virtualization {
     /// `/dev/kvm` answered.
     Available(KvmInfo),
@@ -475,6 +478,7 @@ pub struct UnitInfo {
 
 /// Where a VM's live facts come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LiveSource {
     /// No live facts: the VM does not run, or vmd has no way to ask.
     #[default]
@@ -596,6 +600,7 @@ pub struct PendingOperation {
 
 /// An operation and where it stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct OperationInfo {
     /// Its id.
     pub id: OperationId,
@@ -613,6 +618,7 @@ pub struct OperationInfo {
 
 /// Where an operation stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub enum OperationStatus {
     /// Still running.
     Running,

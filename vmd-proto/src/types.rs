@@ -194,6 +194,7 @@ impl FromStr for OperationId {
 /// as they were; the order is the manual [`Ord`] below, not the
 /// declaration order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Host facts, inventory, VM info, operations, watch.
     Reader,
@@ -240,8 +241,10 @@ impl fmt::Display for Role {
     }
 }
 
-/// The hypervisor that runs a VM.
+/// The hypervisor that runs a VM. In JSON a string: `qemu`,
+/// `cloud_hypervisor`, `crosvm`, `firecracker`, or the declared name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub enum Hypervisor {
     /// QEMU, controlled over QMP.
     Qemu,
@@ -253,6 +256,32 @@ pub enum Hypervisor {
     Firecracker,
     /// Any other hypervisor, by the name the host declares.
     Other(String),
+}
+
+impl Hypervisor {
+    /// The JSON spelling: snake_case for the known hypervisors, the
+    /// declared name for others.
+    pub fn json_name(&self) -> &str {
+        match self {
+            Self::Qemu => "qemu",
+            Self::CloudHypervisor => "cloud_hypervisor",
+            Self::Crosvm => "crosvm",
+            Self::Firecracker => "firecracker",
+            Self::Other(name) => name,
+        }
+    }
+
+    /// The hypervisor a name means: the JSON spelling or microvm.nix's
+    /// (`cloud-hypervisor`); any other name is [`Hypervisor::Other`].
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "qemu" => Self::Qemu,
+            "cloud_hypervisor" | "cloud-hypervisor" => Self::CloudHypervisor,
+            "crosvm" => Self::Crosvm,
+            "firecracker" => Self::Firecracker,
+            other => Self::Other(other.to_owned()),
+        }
+    }
 }
 
 impl fmt::Display for Hypervisor {
@@ -269,6 +298,7 @@ impl fmt::Display for Hypervisor {
 
 /// The state of a VM, combined from systemd and the hypervisor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// The unit is active and the guest runs.
     Running,
@@ -311,6 +341,7 @@ impl fmt::Display for VmState {
 
 /// The kind of change an operation makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OperationKind {
     /// Start the VM's unit.
     Start,

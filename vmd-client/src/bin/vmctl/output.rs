@@ -46,6 +46,7 @@ pub(crate) fn config(
             "connect_timeout",
             format!("{} ms", config.connect_timeout.as_millis()),
         ),
+        ("hosts", list_or_dash(config.hosts.keys().cloned())),
     ])
     .trim_end()
     .to_owned()
@@ -151,52 +152,96 @@ pub(crate) fn host(host: &HostInfo) -> String {
     pairs(&rows)
 }
 
-/// `vmctl list`.
-pub(crate) fn vm_table(vms: &[VmInfo]) -> String {
-    if vms.is_empty() {
-        return "no VMs".to_owned();
-    }
-    let header = [
-        "NAME",
-        "STATE",
-        "VCPUS",
-        "MEMORY",
-        "CID",
-        "HYPERVISOR",
-        "AUTOSTART",
-        "RESTART",
-    ];
-    let rows: Vec<[String; 8]> = vms
-        .iter()
-        .map(|vm| {
-            [
-                vm.name.to_string(),
-                vm.state.to_string(),
-                or_dash(vm.vcpus.current.or(vm.vcpus.declared)),
-                or_dash(vm.memory.current.or(vm.memory.declared)),
-                or_dash(vm.vsock_cid),
-                or_dash(vm.hypervisor.as_ref()),
-                or_dash(vm.autostart.map(|a| if a { "yes" } else { "no" })),
-                restart(vm),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
+/// The columns of `vmctl list`.
+const VM_COLUMNS: [&str; 8] = [
+    "NAME",
+    "STATE",
+    "VCPUS",
+    "MEMORY",
+    "CID",
+    "HYPERVISOR",
+    "AUTOSTART",
+    "RESTART",
+];
+
+/// One VM's cells under [`VM_COLUMNS`].
+fn vm_cells(vm: &VmInfo) -> Vec<String> {
+    vec![
+        vm.name.to_string(),
+        vm.state.to_string(),
+        or_dash(vm.vcpus.current.or(vm.vcpus.declared)),
+        or_dash(vm.memory.current.or(vm.memory.declared)),
+        or_dash(vm.vsock_cid),
+        or_dash(vm.hypervisor.as_ref()),
+        or_dash(vm.autostart.map(|a| if a { "yes" } else { "no" })),
+        restart(vm),
+    ]
+}
+
+/// Aligned columns, two spaces apart, without trailing blanks.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
     let mut out = String::new();
     let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let cells: Vec<String> = cells.zip(widths).map(|(c, w)| format!("{c:w$}")).collect();
+        let cells: Vec<String> = cells.zip(&widths).map(|(c, w)| format!("{c:w$}")).collect();
         let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     };
     line(&mut header.iter().copied());
-    for row in &rows {
+    for row in rows {
         line(&mut row.iter().map(String::as_str));
     }
     out
+}
+
+/// `vmctl list`.
+pub(crate) fn vm_table(vms: &[VmInfo]) -> String {
+    if vms.is_empty() {
+        return "no VMs".to_owned();
+    }
+    let rows: Vec<Vec<String>> = vms.iter().map(vm_cells).collect();
+    table(&VM_COLUMNS, &rows)
+}
+
+/// `vmctl list --all-hosts`: a HOST column first; a host without a list
+/// is one row with its state (`unreachable`, `error`) and, in a last
+/// ERROR column, why.
+pub(crate) fn hosts_table(answers: &[(String, crate::hosts::HostAnswer)]) -> String {
+    let silent = answers.iter().any(|(_, a)| a.is_err());
+    let mut header = vec!["HOST"];
+    header.extend(VM_COLUMNS);
+    if silent {
+        header.push("ERROR");
+    }
+    let mut rows = Vec::new();
+    for (host, answer) in answers {
+        match answer {
+            Ok(vms) => {
+                for vm in vms {
+                    let mut row = vec![host.clone()];
+                    row.extend(vm_cells(vm));
+                    if silent {
+                        row.push(String::new());
+                    }
+                    rows.push(row);
+                }
+            }
+            Err(why) => {
+                let mut row = vec![host.clone(), "-".into(), why.state.into()];
+                row.extend((2..VM_COLUMNS.len()).map(|_| "-".to_owned()));
+                row.push(why.error.clone());
+                rows.push(row);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return "no VMs".to_owned();
+    }
+    table(&header, &rows)
 }
 
 /// `vmctl info VM`.
@@ -399,7 +444,7 @@ mod tests {
     #[test]
     fn a_watch_line_names_the_vm_and_its_state_first() {
         let vm: VmInfo = serde_json::from_value(serde_json::json!({
-            "name": "gui-vm", "description": null, "hypervisor": null, "state": "Running",
+            "name": "gui-vm", "description": null, "hypervisor": null, "state": "running",
             "autostart": null, "protected": false, "vsock_cid": null,
             "vcpus": {"declared": 2, "current": 2, "max": 4},
             "memory": {"declared": 2147483648_u64, "current": null, "balloon_actual": null, "max": null},

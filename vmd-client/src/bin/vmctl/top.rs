@@ -481,7 +481,7 @@ mod tests {
         view.apply(
             event(
                 true,
-                vec![vm("b", "Running", None), vm("a", "Stopped", None)],
+                vec![vm("b", "running", None), vm("a", "stopped", None)],
                 &[],
             ),
             t0,
@@ -492,7 +492,7 @@ mod tests {
             view.selected().map(ToString::to_string).as_deref(),
             Some("b")
         );
-        view.apply(event(false, vec![vm("0", "Stopped", None)], &[]), t0);
+        view.apply(event(false, vec![vm("0", "stopped", None)], &[]), t0);
         assert_eq!(names(&view), ["0", "a", "b"]);
         assert_eq!(
             view.selected().map(ToString::to_string).as_deref(),
@@ -502,7 +502,7 @@ mod tests {
         assert_eq!(names(&view), ["0", "a"]);
         assert!(view.selected().is_some());
         // A snapshot replaces everything.
-        view.apply(event(true, vec![vm("c", "Running", None)], &[]), t0);
+        view.apply(event(true, vec![vm("c", "running", None)], &[]), t0);
         assert_eq!(names(&view), ["c"]);
     }
 
@@ -511,13 +511,13 @@ mod tests {
         let mut view = View::new("test".into());
         let t0 = Instant::now();
         view.apply(
-            event(true, vec![vm("a", "Running", Some(1_000_000_000))], &[]),
+            event(true, vec![vm("a", "running", Some(1_000_000_000))], &[]),
             t0,
         );
         assert_eq!(view.entries[0].cpu_percent, None);
         let t1 = t0 + Duration::from_secs(2);
         view.apply(
-            event(false, vec![vm("a", "Running", Some(2_000_000_000))], &[]),
+            event(false, vec![vm("a", "running", Some(2_000_000_000))], &[]),
             t1,
         );
         let percent = view.entries[0].cpu_percent.expect("a CPU figure");
@@ -530,7 +530,7 @@ mod tests {
         view.apply(
             event(
                 true,
-                vec![vm("gui-vm", "Running", None), vm("net-vm", "Stopped", None)],
+                vec![vm("gui-vm", "running", None), vm("net-vm", "stopped", None)],
                 &[],
             ),
             Instant::now(),

@@ -122,7 +122,7 @@ mod tests {
 
     fn vm(name: &str) -> VmInfo {
         serde_json::from_value(json!({
-            "name": name, "description": null, "hypervisor": null, "state": "Running",
+            "name": name, "description": null, "hypervisor": null, "state": "running",
             "autostart": null, "protected": false, "vsock_cid": null,
             "vcpus": {"declared": 1, "current": 1, "max": 4},
             "memory": {"declared": 268435456, "current": null, "balloon_actual": null, "max": null},
