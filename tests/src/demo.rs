@@ -4,12 +4,13 @@
 //! `vmctl --dev list`, `vmctl --dev top` and the panel show real VMs.
 //!
 //! 1. [`preflight`] checks what the demo needs before it touches anything:
-//!    root, the programs it runs, the `vmd` binary, the development
-//!    directory ([`vmd_proto::dev::dir`]) locked for this demo, and
-//!    `127.0.0.1:9876` free. Each failure is a [`DemoError`] that says
+//!    root, the programs it runs, the `vmd` binary, no other demo on the
+//!    development directory ([`vmd_proto::dev::dir`]), `127.0.0.1:9876`
+//!    free; then it makes `<dev dir>/demo`, the demo's state directory,
+//!    with the demo's PID in it. Each failure is a [`DemoError`] that says
 //!    what to do.
-//! 2. [`Demo::start`] makes `<dev dir>/demo`, the demo's state directory,
-//!    and every temporary directory of the harness inside it; ensures the
+//! 2. [`Demo::start`] puts every temporary directory of the harness in
+//!    the state directory; ensures the
 //!    development PKI (as `vmd serve --dev` does); lays out [`VMS`] with
 //!    [`MicrovmHost`]; boots the container; starts `microvms.target`;
 //!    starts `vmd serve -c <dir>/vmd.toml` (the development PKI and
@@ -162,7 +163,8 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// What [`preflight`] found: where the demo lives, and the lock on it.
+/// What [`preflight`] found and made: where the demo lives (its state
+/// directory, made, with the demo's PID in `pid`).
 #[derive(Debug)]
 pub struct Preflight {
     /// The development directory (`$VMD_DEV_DIR` or its default).
@@ -171,8 +173,6 @@ pub struct Preflight {
     pub state_dir: PathBuf,
     /// The `vmd` binary.
     pub vmd: PathBuf,
-    /// Held for the demo's life: the lock on the development directory.
-    _lock: std::fs::File,
 }
 
 /// Whether the effective user is root, from a `/proc/<pid>/status` text
@@ -257,13 +257,13 @@ pub fn preflight(vmd: PathBuf) -> Result<Preflight, DemoError> {
     let dev_dir = dev_dir
         .canonicalize()
         .map_err(io("cannot resolve", &dev_dir))?;
-    let lock = std::fs::File::open(&dev_dir).map_err(io("cannot open", &dev_dir))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(DemoError::AlreadyRunning(dev_dir));
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock", &dev_dir)(e)),
+    let state_dir = dev_dir.join(STATE_DIR_NAME);
+    let pid_file = state_dir.join("pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file)
+        && std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()))
+            .is_ok_and(|comm| comm.trim() == "vmd-demo")
+    {
+        return Err(DemoError::AlreadyRunning(dev_dir));
     }
     let addr = dev_addr();
     if let Err(e) = TcpListener::bind(addr) {
@@ -277,7 +277,6 @@ pub fn preflight(vmd: PathBuf) -> Result<Preflight, DemoError> {
             }
         });
     }
-    let state_dir = dev_dir.join(STATE_DIR_NAME);
     if state_dir.exists() {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(io("cannot read", Path::new("/proc/self/mountinfo")))?;
@@ -291,11 +290,19 @@ pub fn preflight(vmd: PathBuf) -> Result<Preflight, DemoError> {
         // Left by a demo that died without mounts in place: only files.
         std::fs::remove_dir_all(&state_dir).map_err(io("cannot remove", &state_dir))?;
     }
+    // Made atomically: of two demos starting at once, one gets it.
+    match std::fs::create_dir(&state_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(DemoError::AlreadyRunning(dev_dir));
+        }
+        made => made.map_err(io("cannot create", &state_dir))?,
+    }
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+        .map_err(io("cannot write", &pid_file))?;
     Ok(Preflight {
         dev_dir,
         state_dir,
         vmd,
-        _lock: lock,
     })
 }
 
@@ -317,7 +324,6 @@ impl Demo {
     /// torn down as the panic unwinds.
     pub async fn start(pre: &Preflight) -> Result<Self, DemoError> {
         let state_dir = &pre.state_dir;
-        std::fs::create_dir(state_dir).map_err(io("cannot create", state_dir))?;
         // Every temporary directory of the harness (the host's store and
         // state directory, the container's root mount) lives in here.
         tempfile::env::override_temp_dir(state_dir)
