@@ -10,13 +10,14 @@
 //!    with the demo's PID in it. Each failure is a [`DemoError`] that says
 //!    what to do.
 //! 2. [`Demo::start`] puts every temporary directory of the harness in
-//!    the state directory; ensures the
-//!    development PKI (as `vmd serve --dev` does); lays out [`VMS`] with
-//!    [`MicrovmHost`]; boots the container; starts `microvms.target`;
-//!    starts `vmd serve -c <dir>/vmd.toml` (the development PKI and
-//!    address, `dev-admin` an admin of every VM, the container's bus and
-//!    cgroups, no vsock) as a child in its own process group; and waits
-//!    until vmd answers `dev-admin` with every VM in its expected state.
+//!    the state directory; ensures the development PKI (as `vmd serve
+//!    --dev` does); lays out [`VMS`] with [`MicrovmHost`]; boots the
+//!    container; starts `microvms.target`; starts `vmd serve -c
+//!    <dir>/vmd.toml` (the development PKI and address, `dev-admin` an
+//!    admin of every VM, the container's bus and cgroups, no vsock); and
+//!    waits until vmd answers `dev-admin` with every VM in its expected
+//!    state. nspawn and vmd run in process groups of their own: a
+//!    terminal's Ctrl-C reaches only the demo, which stops them in order.
 //! 3. [`Demo::stop`] (on SIGINT, SIGTERM or SIGHUP, see [`run`]) stops vmd
 //!    (SIGTERM), halts the container (its QEMUs end with it), tears down
 //!    its cgroups and mounts, and removes the state directory, which it
@@ -333,7 +334,7 @@ impl Demo {
 
         let vms = vms();
         let host = MicrovmHost::new(&vms);
-        let container = host.container().boot().await;
+        let container = host.container().own_process_group().boot().await;
         container.systemctl(&["start", "microvms.target"]).await;
         for vm in vms.iter().filter(|vm| vm.autostart) {
             crate::rig::wait_for_qmp(&host.socket(vm.name)).await;
