@@ -12,11 +12,11 @@
 //! 2. [`Demo::start`] puts every temporary directory of the harness in
 //!    the state directory; ensures the development PKI (as `vmd serve
 //!    --dev` does); lays out [`VMS`] with [`MicrovmHost`]; boots the
-//!    container; starts `microvms.target`; starts `vmd serve -c
-//!    <dir>/vmd.toml` (the development PKI and address, `dev-admin` an
-//!    admin of every VM, the container's bus and cgroups, no vsock); and
-//!    waits until vmd answers `dev-admin` with every VM in its expected
-//!    state. nspawn and vmd run in process groups of their own: a
+//!    container; starts `microvms.target`; starts
+//!    `vmd serve -c <dir>/vmd.toml` (the development PKI and address,
+//!    `dev-admin` an admin of every VM, the container's bus and
+//!    cgroups, no vsock); and waits until vmd answers `dev-admin` with
+//!    every VM in its expected state. nspawn and vmd run in process groups of their own: a
 //!    terminal's Ctrl-C reaches only the demo, which stops them in order.
 //! 3. [`Demo::stop`] (on SIGINT, SIGTERM or SIGHUP, see [`run`]) stops vmd
 //!    (SIGTERM), halts the container (its QEMUs end with it), tears down
