@@ -13,10 +13,13 @@
 //!   systemd-nspawn, QEMU processes, the daemon as a process.
 //! - [`qmp`]: another client of a VM's main QMP socket.
 //! - [`rig`]: that microvm host with vmd serving it, for `vmctl` tests.
+//! - [`demo`]: that host served by the `vmd` binary in development mode,
+//!   for newcomers (`vmd-demo`, `scripts/demo`).
 //! - [`tmux`]: a terminal program under a private tmux server.
 
 #![forbid(unsafe_code)]
 
+pub mod demo;
 pub mod guest;
 pub mod microvm;
 pub mod nspawn;

@@ -106,6 +106,11 @@ pub struct DeclaredVm {
     /// A socket vmd's inventory names as the VM's control socket instead
     /// of its real main socket (one that never answers, for fault tests).
     pub inventory_control_socket: Option<PathBuf>,
+    /// Boot vCPUs and memory (MiB), declared in the inventory and given to
+    /// QEMU; `None`: [`DEFAULT_ARGS`]' one vCPU and 256 MiB.
+    pub size: Option<(u32, u32)>,
+    /// The inventory's description (default `test VM <name>`).
+    pub description: Option<&'static str>,
 }
 
 impl DeclaredVm {
@@ -122,7 +127,31 @@ impl DeclaredVm {
             resources: DeclaredResources::default(),
             qemu_args: None,
             inventory_control_socket: None,
+            size: None,
+            description: None,
         }
+    }
+
+    /// Boots with `vcpus` vCPUs (of at least four slots) and `memory_mib`
+    /// MiB, declared so in the inventory (QEMU under TCG allocates guest
+    /// memory lazily: an idle VM costs far less than its size).
+    #[must_use]
+    pub fn sized(mut self, vcpus: u32, memory_mib: u32) -> Self {
+        self.size = Some((vcpus, memory_mib));
+        self
+    }
+
+    /// Described so in the inventory.
+    #[must_use]
+    pub fn described(mut self, description: &'static str) -> Self {
+        self.description = Some(description);
+        self
+    }
+
+    /// Boot vCPUs, their maximum, and memory in MiB, as declared.
+    fn shape(&self) -> (u32, u32, u32) {
+        let (vcpus, memory) = self.size.unwrap_or((1, 256));
+        (vcpus, vcpus.max(4), memory)
     }
 
     /// Started with the host.
@@ -225,12 +254,17 @@ impl MicrovmHost {
             std::fs::create_dir_all(host.state_dir().join(vm.name)).expect("VM state directory");
             let runner = host.write_runner(vm, cid, 1).expect("runner");
             host.link_current(vm.name, &runner).expect("current link");
+            let (vcpus, max_vcpus, memory) = vm.shape();
             let _ = write!(
                 inventory,
-                "[vm.{name}]\nvcpus = 1\nmax_vcpus = 4\nmemory_mib = 256\nmax_memory_mib = 256\n\
-                 protected = {protected}\ndescription = \"test VM {name}\"\n\
+                "[vm.{name}]\nvcpus = {vcpus}\nmax_vcpus = {max_vcpus}\nmemory_mib = {memory}\n\
+                 max_memory_mib = {memory}\n\
+                 protected = {protected}\ndescription = \"{description}\"\n\
                  control_socket = \"{socket}\"\n",
                 name = vm.name,
+                description = vm
+                    .description
+                    .map_or_else(|| format!("test VM {}", vm.name), str::to_owned),
                 protected = vm.protected,
                 socket = vm
                     .inventory_control_socket
@@ -492,7 +526,20 @@ fn microvm_run(vm: &DeclaredVm, generation: usize) -> String {
     let mut args: Vec<String> = vec![format!("/usr/bin/{QEMU}"), "-name".into(), name.into()];
     match &vm.qemu_args {
         Some(own) => args.extend(own.iter().cloned()),
-        None => args.extend(DEFAULT_ARGS.iter().map(|a| (*a).to_owned())),
+        None => {
+            let (vcpus, max_vcpus, memory) = vm.shape();
+            let mut previous = "";
+            for arg in DEFAULT_ARGS {
+                args.push(match previous {
+                    "-smp" if vm.size.is_some() => format!("{vcpus},maxcpus={max_vcpus}"),
+                    "-m" if vm.size.is_some() => {
+                        format!("{memory}M,slots=2,maxmem={}M", memory + 768)
+                    }
+                    _ => (*arg).to_owned(),
+                });
+                previous = arg;
+            }
+        }
     }
     args.extend(["-no-user-config", "-no-reboot"].map(str::to_owned));
     if !vm.resources.usb_devices.is_empty() {
