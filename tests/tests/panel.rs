@@ -648,7 +648,7 @@ async fn panel_shows_and_controls_real_vms() {
     relay.stop().await;
     let tree = panel
         .wait_for("the cannot-reach screen with both endpoints", |t| {
-            named(t, "Cannot reach vmd")
+            named(t, "Not connected to vmd")
                 && named_prefix(t, &format!("cannot connect to {}", relay.endpoint()))
                 && named_prefix(t, &format!("cannot connect to {dead}"))
         })
@@ -661,7 +661,7 @@ async fn panel_shows_and_controls_real_vms() {
     relay.listen().await;
     panel
         .wait_for("the rows, after reconnecting", |t| {
-            named(t, "auto-vm state: running") && !named(t, "Cannot reach vmd")
+            named(t, "auto-vm state: running") && named_prefix(t, "Connected to")
         })
         .await;
     panel.quit().await;

@@ -288,7 +288,7 @@ fn handle(panel: &Shared, msg: FromLink) {
             ));
             let retry_text = p.retry.text();
             name(&p.retry, &retry_text);
-            set_header(&p.header, "Cannot reach vmd");
+            set_header(&p.header, "Not connected to vmd");
             p.stack.set_visible_child_name(PAGE_UNREACHABLE);
             // The rows of the last session are stale: a new session starts
             // from a snapshot.
