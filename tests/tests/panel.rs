@@ -84,6 +84,9 @@ struct Desktop {
     display: String,
     bus: String,
     children: Vec<Child>,
+    /// Xvfb's and dbus-daemon's stdout, kept open (a closed pipe would
+    /// end them with SIGPIPE if they wrote more).
+    _outputs: Vec<BufReader<tokio::process::ChildStdout>>,
 }
 
 impl Desktop {
@@ -145,6 +148,7 @@ impl Desktop {
         let display = format!(":{}", line.trim());
         assert!(display.len() > 1, "Xvfb gave no display number");
         children.push(xvfb);
+        let mut outputs = vec![out];
 
         // The session bus.
         let mut bus = Command::new("/usr/bin/dbus-daemon")
@@ -164,29 +168,36 @@ impl Desktop {
         let address = address.trim().to_owned();
         assert!(address.starts_with("unix:"), "bus address: {address:?}");
         children.push(bus);
+        outputs.push(out);
 
         let mut desktop = Self {
             dir,
             display,
             bus: address,
             children,
+            _outputs: outputs,
         };
         // The accessibility bus (and its registry, which it starts).
         let launcher = desktop
             .command("/usr/libexec/at-spi-bus-launcher")
             .arg("--launch-immediately")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("at-spi-bus-launcher starts");
         desktop.children.push(launcher);
         // The window manager, so that minimise means something.
+        let log = std::fs::File::create(desktop.dir.path().join("openbox.log")).expect("log file");
         let openbox = desktop
             .command("/usr/bin/openbox")
             .arg("--sm-disable")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
             .spawn()
             .expect("openbox starts");
         desktop.children.push(openbox);
         desktop
-            .wait_until("openbox manages the screen", || async {
+            .wait_until("openbox manages the screen (see openbox.log)", || async {
                 let out = desktop
                     .command("/usr/bin/xprop")
                     .args(["-root", "_NET_SUPPORTING_WM_CHECK"])
@@ -231,7 +242,8 @@ impl Desktop {
         while !check().await {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "gave up waiting: {what}"
+                "gave up waiting: {what}; openbox.log: {}",
+                std::fs::read_to_string(self.dir.path().join("openbox.log")).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -533,6 +545,7 @@ fn dead_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panel_shows_and_controls_real_vms() {
+    let desktop = Desktop::start().await;
     let rig = MicrovmRig::with_vms(
         &[
             DeclaredVm::new(AUTO).autostart(),
@@ -549,7 +562,6 @@ async fn panel_shows_and_controls_real_vms() {
     )
     .await;
     let mut relay = Relay::start(rig.server.tcp_addr()).await;
-    let desktop = Desktop::start().await;
     let configs = tempfile::tempdir().expect("temporary directory");
     let dead = format!("tcp://127.0.0.1:{}", dead_port());
     let endpoints = [relay.endpoint(), dead.clone()];

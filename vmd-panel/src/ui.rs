@@ -42,6 +42,8 @@ struct RowWidgets {
     outcome: gtk::Label,
     cpu: gtk::DrawingArea,
     memory: gtk::DrawingArea,
+    cpu_label: gtk::Label,
+    memory_label: gtk::Label,
     buttons: Vec<(Action, gtk::Button)>,
 }
 
@@ -375,13 +377,13 @@ fn apply_changes(p: &mut Panel, panel: &Shared, changes: Vec<RowChange>) {
     p.empty.set_visible(p.widgets.is_empty());
 }
 
-/// A sparkline of `series` scaled to `ceiling` (or its own maximum).
+/// A filled sparkline of the series `pick` gives, scaled to the ceiling
+/// it gives (or the series' own maximum, if larger).
 fn sparkline(
     area: &gtk::DrawingArea,
     panel: &Shared,
     vm: &VmName,
-    pick: fn(&model::VmRow) -> &Series,
-    ceiling: f64,
+    pick: fn(&model::VmRow) -> (&Series, f64),
     rgb: (f64, f64, f64),
 ) {
     let panel = Rc::downgrade(panel);
@@ -395,24 +397,29 @@ fn sparkline(
         let Some(panel) = panel.upgrade() else { return };
         let Ok(p) = panel.try_borrow() else { return };
         let Some(row) = p.rows.get(&vm) else { return };
-        let series = pick(row);
+        let (series, ceiling) = pick(row);
         let top = series.max().max(ceiling).max(f64::EPSILON);
         #[allow(clippy::cast_precision_loss)] // a handful of samples
         let step = w / (model::GRAPH_SAMPLES.saturating_sub(1).max(1)) as f64;
         let start = model::GRAPH_SAMPLES.saturating_sub(series.values().len());
         cr.set_source_rgb(rgb.0, rgb.1, rgb.2);
         cr.set_line_width(1.5);
+        #[allow(clippy::cast_precision_loss)]
+        let first_x = start as f64 * step;
+        cr.move_to(first_x, h);
+        let mut last_x = first_x;
         for (i, v) in series.values().enumerate() {
             #[allow(clippy::cast_precision_loss)]
             let x = (start + i) as f64 * step;
             let y = h - 1.0 - (v / top) * (h - 2.0);
-            if i == 0 {
-                cr.move_to(x, y);
-            } else {
-                cr.line_to(x, y);
-            }
+            cr.line_to(x, y);
+            last_x = x;
         }
-        let _ = cr.stroke();
+        cr.line_to(last_x, h);
+        cr.close_path();
+        let _ = cr.stroke_preserve();
+        cr.set_source_rgba(rgb.0, rgb.1, rgb.2, 0.3);
+        let _ = cr.fill();
     });
 }
 
@@ -449,11 +456,24 @@ fn new_row(panel: &Shared, p: &Panel, vm: &VmName) -> RowWidgets {
     };
     let cpu = graph("CPU");
     let memory = graph("memory");
-    sparkline(&cpu, panel, vm, |r| &r.cpu, 100.0, (0.1, 0.4, 0.8));
-    sparkline(&memory, panel, vm, |r| &r.memory, 0.0, (0.1, 0.6, 0.3));
-    graphs.append(&label("CPU", Some(&format!("{n} CPU"))));
+    // CPU in percent of one host CPU, up to 100 % (more when the guest
+    // uses more); memory up to what the VM may have.
+    sparkline(&cpu, panel, vm, |r| (&r.cpu, 100.0), (0.1, 0.4, 0.8));
+    #[allow(clippy::cast_precision_loss)] // MiB for a graph's scale
+    sparkline(
+        &memory,
+        panel,
+        vm,
+        |r| (&r.memory, model::memory_mib(&r.info) as f64),
+        (0.1, 0.6, 0.3),
+    );
+    let cpu_label = label("CPU", None);
+    let memory_label = label("Memory", None);
+    cpu_label.set_wrap(false);
+    memory_label.set_wrap(false);
+    graphs.append(&cpu_label);
     graphs.append(&cpu);
-    graphs.append(&label("Memory", Some(&format!("{n} memory"))));
+    graphs.append(&memory_label);
     graphs.append(&memory);
 
     let button_box = gtk::Box::new(gtk::Orientation::Horizontal, 6);
@@ -498,6 +518,8 @@ fn new_row(panel: &Shared, p: &Panel, vm: &VmName) -> RowWidgets {
         outcome,
         cpu,
         memory,
+        cpu_label,
+        memory_label,
         buttons,
     }
 }
@@ -527,11 +549,23 @@ fn refresh_row(p: &Panel, vm: &VmName) {
         |v| format!("{v:.0}% of one CPU"),
     );
     name(&w.cpu, &format!("{n} CPU graph: {cpu}"));
+    let cpu_now = row
+        .cpu
+        .last()
+        .map_or_else(|| "CPU".to_owned(), |v| format!("CPU {v:.0}%"));
+    w.cpu_label.set_text(&cpu_now);
+    name(&w.cpu_label, &format!("{n} {cpu_now}"));
     let memory = row.memory.last().map_or_else(
         || "no reading yet".to_owned(),
         |v| format!("{v:.0} MiB in use"),
     );
     name(&w.memory, &format!("{n} memory graph: {memory}"));
+    let memory_now = row
+        .memory
+        .last()
+        .map_or_else(|| "Memory".to_owned(), |v| format!("Memory {v:.0} MiB"));
+    w.memory_label.set_text(&memory_now);
+    name(&w.memory_label, &format!("{n} {memory_now}"));
     w.cpu.queue_draw();
     w.memory.queue_draw();
     for (action, button) in &w.buttons {
