@@ -123,37 +123,39 @@ impl Desktop {
         .expect("runtime dir mode");
         let mut children = Vec::new();
 
-        // Xvfb on a free display; it names it on the pipe of -displayfd.
-        let mut xvfb = Command::new("/usr/bin/Xvfb")
-            .args([
-                "-displayfd",
-                "1",
-                "-screen",
-                "0",
-                "1280x900x24",
-                "-nolisten",
-                "tcp",
-            ])
-            .stdout(Stdio::piped())
+        // Xvfb on a display nobody uses (no lock file, no socket).
+        let number = (90..200)
+            .find(|n| {
+                !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+                    && !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+            })
+            .expect("a free X display number");
+        let display = format!(":{number}");
+        let xvfb = Command::new("/usr/bin/Xvfb")
+            .args([&display, "-screen", "0", "1280x900x24", "-nolisten", "tcp"])
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .expect("Xvfb starts");
-        let mut out = BufReader::new(xvfb.stdout.take().expect("Xvfb stdout"));
-        let mut line = String::new();
-        tokio::time::timeout(PATIENCE, out.read_line(&mut line))
-            .await
-            .expect("Xvfb names its display")
-            .expect("read Xvfb's display");
-        let display = format!(":{}", line.trim());
-        assert!(display.len() > 1, "Xvfb gave no display number");
         children.push(xvfb);
-        let mut outputs = vec![out];
+        let socket = PathBuf::from(format!("/tmp/.X11-unix/X{number}"));
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !socket.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Xvfb never listened on {display}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut outputs = Vec::new();
 
         // The session bus.
         let mut bus = Command::new("/usr/bin/dbus-daemon")
             .args(["--session", "--nofork", "--print-address=1"])
             .env("DISPLAY", &display)
+            .process_group(0)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -228,6 +230,9 @@ impl Desktop {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, ended as a whole when the desktop is
+            // dropped (at-spi-bus-launcher starts a bus of its own).
+            .process_group(0)
             .kill_on_drop(true);
         command
     }
@@ -292,6 +297,28 @@ impl Desktop {
             .await
             .expect("xprop runs");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Desktop {
+    /// Ends every process group this desktop started: SIGTERM (so Xvfb
+    /// removes its socket and lock), then SIGKILL for what is left.
+    fn drop(&mut self) {
+        let groups: Vec<String> = self
+            .children
+            .iter()
+            .filter_map(Child::id)
+            .map(|pid| format!("-{pid}"))
+            .collect();
+        for signal in ["-TERM", "-KILL"] {
+            for group in &groups {
+                let _ = std::process::Command::new("kill")
+                    .args([signal, "--", group])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
 }
 
