@@ -2,7 +2,7 @@
 //! "cannot reach vmd" screen.
 //!
 //! 1. [`build`] makes the window and starts a future on the GTK main loop
-//!    that applies each [`FromLink`] message to the [`Panel`] state and
+//!    that applies each [`FromLink`] message to the panel's state and
 //!    its widgets.
 //! 2. The window's visibility (mapped, and its surface not minimised) is
 //!    sent to the link on every change: the link sends nothing while the
