@@ -18,6 +18,10 @@
 //!    happens; confirmed, the VM stops.
 //!
 //! Screenshots go to `target/test-artefacts/panel-*.png`.
+//!
+//! It runs `target/<profile>/vmd-panel`: `cargo test --workspace` builds it
+//! (through vmd-panel's own tests); alone, run `cargo build -p vmd-panel`
+//! first, or an older binary is tested.
 
 #![cfg(feature = "gui-tests")]
 
