@@ -42,6 +42,8 @@
 
       packages = forAllSystems (pkgs: {
         inherit (pkgs) vmd;
+        # vmd, vmctl and the GUI VM's GTK4 panel.
+        vmd-panel = pkgs.vmd.override { panel = true; };
         default = pkgs.vmd;
       });
 

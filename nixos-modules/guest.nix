@@ -88,10 +88,25 @@ in
       default = null;
       description = "Bound on each connection step, in milliseconds (null: vmctl's default).";
     };
+
+    panel = {
+      enable = mkEnableOption ''
+        vmd-panel, the desktop panel of the GUI VM (a GTK4 window with each
+        VM's state, graphs and actions). It reads the same
+        /etc/vmd/client.toml as vmctl'';
+
+      package = mkOption {
+        type = types.package;
+        default = cfg.package.override { panel = true; };
+        defaultText = literalExpression "config.programs.vmctl.package.override { panel = true; }";
+        description = "The package that provides `vmd-panel` and `vmctl` (the vmd package built with `panel = true`); installed instead of `package`.";
+      };
+    };
   };
 
   config = mkIf cfg.enable {
-    environment.systemPackages = [ cfg.package ];
+    # The panel's package holds vmctl too: install one or the other.
+    environment.systemPackages = [ (if cfg.panel.enable then cfg.panel.package else cfg.package) ];
     environment.etc."vmd/client.toml".source = format.generate "client.toml" clientConfig;
   };
 }

@@ -1,8 +1,15 @@
-# vmd and vmctl, built from this repository with its Cargo.lock.
+# vmd and vmctl, built from this repository with its Cargo.lock; with
+# `panel = true` (`pkgs.vmd.override { panel = true; }`) also vmd-panel, the
+# GUI VM's GTK4 panel, which needs gtk4 and pkg-config.
 {
   lib,
   rustPlatform,
   installShellFiles,
+
+  panel ? false,
+  pkg-config ? null,
+  gtk4 ? null,
+  wrapGAppsHook4 ? null,
 }:
 let
   root = ../.;
@@ -48,12 +55,38 @@ rustPlatform.buildRustPackage {
     CARGO_PROFILE_RELEASE_CODEGEN_UNITS = toString dist.codegen-units;
   };
 
+  # Plain `if`s, not lib.optionals: tests/package-source.nix reads this
+  # file with a stub lib.
+  # installShellFiles: vmctl's completions and man pages (postInstall).
+  nativeBuildInputs = [
+    installShellFiles
+  ]
+  ++ (
+    if panel then
+      [
+        pkg-config
+        wrapGAppsHook4
+      ]
+    else
+      [ ]
+  );
+  buildInputs = if panel then [ gtk4 ] else [ ];
+
   cargoBuildFlags = [
     "-p"
     "vmd"
     "-p"
     "vmd-client"
-  ];
+  ]
+  ++ (
+    if panel then
+      [
+        "-p"
+        "vmd-panel"
+      ]
+    else
+      [ ]
+  );
   # Unit tests of the crates that need nothing from the host. The daemon's
   # and the system suites need /dev/kvm, vsock, systemd or QEMU and run in
   # the repository's own CI (scripts/test) and in the NixOS VM test.
@@ -67,7 +100,6 @@ rustPlatform.buildRustPackage {
 
   # vmctl's completions and man pages, generated from its clap definitions
   # by the binary just built (`vmctl completions SHELL`, `vmctl man DIR`).
-  nativeBuildInputs = [ installShellFiles ];
   postInstall = ''
     installShellCompletion --cmd vmctl \
       --bash <($out/bin/vmctl completions bash) \

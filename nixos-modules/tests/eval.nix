@@ -353,6 +353,14 @@ let
       };
     }
   ];
+  guestPanel = evalGuest [
+    {
+      programs.vmctl = {
+        enable = true;
+        panel.enable = true;
+      };
+    }
+  ];
   clientToml = g: g.environment.etc."vmd/client.toml".source.value;
 
   ensureArgs = main.services.vmd.pki.ensureArgs;
@@ -824,6 +832,13 @@ let
         && (clientToml guestTcp).connect_timeout_ms == 500
         && guest.environment.systemPackages == [ pkgs.vmd ];
       got = clientToml guestTcp;
+    }
+    {
+      name = "guest: panel.enable installs the package built with the panel, and the same client.toml";
+      ok =
+        map (p: p.name) guestPanel.environment.systemPackages == [ "vmd-panel" ]
+        && clientToml guestPanel == clientToml guest;
+      got = map (p: p.name) guestPanel.environment.systemPackages;
     }
   ];
 

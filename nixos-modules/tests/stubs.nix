@@ -101,7 +101,10 @@ let
 in
 {
   pkgs = {
-    vmd = fakeDrv "vmd" { };
+    # `override { panel = true; }` as package.nix's callPackage result has.
+    vmd = fakeDrv "vmd" {
+      override = args: fakeDrv (if args.panel or false then "vmd-panel" else "vmd") { };
+    };
     coreutils = fakeDrv "coreutils" { };
     gnugrep = fakeDrv "gnugrep" { };
     formats.toml = tomlFormat;
