@@ -165,13 +165,21 @@ async fn run(settings: Settings, to_ui: Sender<FromLink>, from_ui: Receiver<ToLi
         )
         .await;
         let client = match connected {
-            Ok(client) if client.welcome().role.is_some() => Some(client),
+            Ok(client) if crate::model::may_read(client.welcome().role) => Some(client),
             Ok(client) => {
-                attempts.push(format!(
-                    "{}: the server grants this certificate ({}) no rights",
-                    client.endpoint(),
-                    client.welcome().identity
-                ));
+                let welcome = client.welcome();
+                attempts.push(match welcome.role {
+                    Some(role) => format!(
+                        "{}: this certificate ({}) has the role {role}, which may not read VMs",
+                        client.endpoint(),
+                        welcome.identity
+                    ),
+                    None => format!(
+                        "{}: the server grants this certificate ({}) no rights",
+                        client.endpoint(),
+                        welcome.identity
+                    ),
+                });
                 client.close().await;
                 None
             }

@@ -109,6 +109,14 @@ impl Action {
     }
 }
 
+/// Whether `role` may read the host and its VMs on the main listener: a
+/// `metrics` identity (which may only scrape the metrics listener) or one
+/// without a role gets `forbidden` for every request, so the panel shows
+/// why instead of rows.
+pub fn may_read(role: Option<Role>) -> bool {
+    role.is_some_and(|r| r >= Role::Reader)
+}
+
 /// The actions offered on `vm`'s row to a client with `role`: those the
 /// role allows, none on a protected VM (the server never changes it over
 /// the network) and none without a role. The server does not tell which
@@ -525,6 +533,9 @@ mod tests {
         let running = vm("a", VmState::Running);
         assert!(offered(None, &running).is_empty());
         assert!(offered(Some(Role::Reader), &running).is_empty());
+        assert!(offered(Some(Role::Metrics), &running).is_empty());
+        assert!(!may_read(None) && !may_read(Some(Role::Metrics)));
+        assert!(may_read(Some(Role::Reader)) && may_read(Some(Role::Admin)));
         let operator = offered(Some(Role::Operator), &running);
         assert_eq!(
             operator,
