@@ -43,7 +43,7 @@ pub struct Facts {
     /// `microvms.target` wants the unit.
     pub autostart: Option<bool>,
     /// The running unit's cgroup is frozen, as the kernel last told
-    /// ([`super::freezes`]); `None` while not running or not known.
+    /// (followed with inotify); `None` while not running or not known.
     pub cgroup_frozen: Option<bool>,
 }
 
