@@ -8,8 +8,9 @@
 //!    and operation registry, so a finding reproduces from its input
 //!    alone. The inventory (five VMs in every state the handler branches
 //!    on) lives in a temporary directory written once per process.
-//! 4. `Handler::handle` runs on a current-thread runtime built once, for
-//!    an admin session whose grant covers every VM.
+//! 4. `Handler::handle` runs on a current-thread runtime built once, with
+//!    time and IO as the daemon's, for an admin session whose grant covers
+//!    every VM.
 //! 5. Checks: the response carries the request id; a VM the inventory does
 //!    not declare is `NotFound`; the response fits in a reply frame; an
 //!    accepted change runs to its end (its task is where backends are
@@ -101,8 +102,10 @@ fn world() -> &'static World {
         }
         let inventory = dir.join("inventory.toml");
         std::fs::write(&inventory, INVENTORY).expect("inventory file");
+        // IO as well as time: the service follows running units' cgroup
+        // events through inotify, an IO source of the runtime's reactor.
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
+            .enable_all()
             .build()
             .expect("a tokio runtime");
         World {
