@@ -25,7 +25,7 @@
 //! | `VmState` | `"running"`, `"paused"`, `"frozen"`, `"stopped"`, `"starting"`, `"stopping"`, `"restarting"`, `"failed"`, `"unknown"` |
 //! | `Hypervisor` | `"qemu"`, `"cloud_hypervisor"`, `"crosvm"`, `"firecracker"`, or the declared name |
 //! | `OperationKind` | `"start"`, `"shutdown"`, `"restart"`, `"pause"`, `"resume"`, `"resize"` |
-//! | `Role` | `"reader"`, `"operator"`, `"admin"` |
+//! | `Role` | `"reader"`, `"operator"`, `"admin"`, `"metrics"` |
 //! | `VirtFlag` | `"vmx"`, `"svm"` |
 //! | `LiveSource` | `"none"`, `"monitor"`, `"shared_socket"` |
 //! | `Virtualization` | `{"status": "available", "api_version": 12, …}`, `{"status": "unavailable", "reason": "…"}` |
@@ -274,6 +274,7 @@ mod tests {
             (Role::Reader, "reader"),
             (Role::Operator, "operator"),
             (Role::Admin, "admin"),
+            (Role::Metrics, "metrics"),
         ] {
             assert_eq!(spelled(&role), name);
         }

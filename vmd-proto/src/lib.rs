@@ -53,8 +53,8 @@ pub mod types;
 pub use message::{
     CpuInfo, CpuTimes, ErrorReply, Hello, HelloReply, HostInfo, KvmCapability, KvmInfo, LastExit,
     LiveFacts, LiveSource, MemoryCounts, MemoryInfo, NetInterface, Op, OperationInfo,
-    OperationStatus, PendingOperation, Reply, Request, Resources, Response, RuntimeDevice, Share,
-    UnitInfo, VcpuCounts, VirtFlag, Virtualization, VmInfo, WatchEvent, Welcome,
+    OperationStatus, PendingOperation, Reply, Request, Resources, Response, Rights, RuntimeDevice,
+    Share, UnitInfo, VcpuCounts, VirtFlag, Virtualization, VmInfo, WatchEvent, Welcome,
 };
 pub use types::{Bytes, Cid, Hypervisor, OperationId, OperationKind, Role, VmName, VmState};
 
@@ -289,6 +289,7 @@ mod tests {
                 vms: vec![VmName::new("gui-vm").expect("valid")],
                 timeout_ms: 60_000,
             },
+            Op::Rights,
         ]
     }
 
@@ -477,6 +478,33 @@ mod tests {
         assert_eq!(
             encode(&welcome, MAX_REPLY_FRAME).expect("encodes"),
             [0, 0, 0, 10, 0, 1, 3, b'0', b'.', b'1', 1, b'x', 1, 2]
+        );
+    }
+
+    #[test]
+    fn golden_rights() {
+        // Appended variants: Rights is Op 12 and Reply 6, so the bytes of
+        // every earlier variant stay as they were.
+        let req = Request {
+            id: 1,
+            body: Op::Rights,
+        };
+        assert_eq!(
+            encode(&req, MAX_REQUEST_FRAME).expect("encodes"),
+            [0, 0, 0, 2, 1, 12]
+        );
+        let resp = Response {
+            id: 1,
+            result: Ok(Reply::Rights(Rights {
+                identity: "x".into(),
+                role: Some(Role::Operator),
+                changeable: vec![vm("a")],
+            })),
+        };
+        // id 1; Ok = 0; Rights = 6; "x"; Some = 1; Operator = 1; [ "a" ].
+        assert_eq!(
+            encode(&resp, MAX_REPLY_FRAME).expect("encodes"),
+            [0, 0, 0, 10, 1, 0, 6, 1, b'x', 1, 1, 1, 1, b'a']
         );
     }
 

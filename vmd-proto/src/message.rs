@@ -132,6 +132,10 @@ pub enum Op {
         /// Longest wait, in milliseconds (the server caps it).
         timeout_ms: u32,
     },
+    /// What this session may do: its role and which of the VMs it sees
+    /// it may change. Replies [`Reply::Rights`]. Appended in protocol 2:
+    /// an older server answers [`ErrorReply::Malformed`].
+    Rights,
 }
 
 impl Op {
@@ -150,6 +154,7 @@ impl Op {
             Self::GetOperation { .. } => "get-operation",
             Self::WaitOperation { .. } => "wait-operation",
             Self::Watch { .. } => "watch",
+            Self::Rights => "rights",
         }
     }
 
@@ -167,7 +172,8 @@ impl Op {
             | Self::ListVms
             | Self::GetOperation { .. }
             | Self::WaitOperation { .. }
-            | Self::Watch { .. } => None,
+            | Self::Watch { .. }
+            | Self::Rights => None,
         }
     }
 }
@@ -198,6 +204,32 @@ pub enum Reply {
     Operation(OperationInfo),
     /// For [`Op::Watch`].
     Changed(WatchEvent),
+    /// For [`Op::Rights`].
+    Rights(Rights),
+}
+
+/// What a session may do, as the server's policy decides it for the
+/// identity the session was opened with (a policy reload applies to new
+/// sessions).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rights {
+    /// The identity the server verified from the client certificate.
+    pub identity: String,
+    /// The session's role, or `None` if its identity has no rights.
+    pub role: Option<Role>,
+    /// The VMs, among those the session sees now, that its role may
+    /// change: inside its change scope and not protected. Sorted; empty
+    /// for a reader. Which changes the role allows follows from the role
+    /// (`operator`: start, stop, restart, pause, resume; `admin`: also
+    /// force stop and resize).
+    pub changeable: Vec<VmName>,
+}
+
+impl Rights {
+    /// Whether the session may change `vm`.
+    pub fn may_change(&self, vm: &VmName) -> bool {
+        self.changeable.binary_search(vm).is_ok()
+    }
 }
 
 /// Why a request failed. The set is closed: a client can handle every case.
@@ -457,6 +489,38 @@ pub struct VmInfo {
     /// Other resources the VM holds: network interfaces, shares, devices.
     #[serde(default)]
     pub resources: Resources,
+}
+
+impl VmInfo {
+    /// A VM of which only the name and state are known, every other fact
+    /// empty; a server fills in what it knows, a client's test what it
+    /// needs.
+    pub fn new(name: VmName, state: VmState) -> Self {
+        Self {
+            name,
+            description: None,
+            hypervisor: None,
+            state,
+            autostart: None,
+            protected: false,
+            vsock_cid: None,
+            vcpus: VcpuCounts::default(),
+            memory: MemoryCounts::default(),
+            pid: None,
+            uptime_secs: None,
+            cgroup_memory: None,
+            cpu_time_ns: None,
+            tasks: None,
+            pending: None,
+            unit: None,
+            run_state: None,
+            live: LiveFacts::default(),
+            last_exit: None,
+            restarts: None,
+            restart_needed: None,
+            resources: Resources::default(),
+        }
+    }
 }
 
 /// The systemd unit that runs a VM, as systemd last signalled it.

@@ -24,8 +24,8 @@ use vmd_proto::frame::{self, FrameError, HEADER_LEN, MAX_REPLY_FRAME, MAX_REQUES
 use vmd_proto::{
     Bytes, Cid, CpuInfo, ErrorReply, Hello, HelloReply, HostInfo, Hypervisor, KvmCapability,
     KvmInfo, MemoryCounts, MemoryInfo, Op, OperationId, OperationInfo, OperationKind,
-    OperationStatus, PendingOperation, Reply, Request, Response, Role, VcpuCounts, VirtFlag,
-    Virtualization, VmInfo, VmName, VmState, WatchEvent, Welcome,
+    OperationStatus, PendingOperation, Reply, Request, Response, Rights, Role, VcpuCounts,
+    VirtFlag, Virtualization, VmInfo, VmName, VmState, WatchEvent, Welcome,
 };
 use vmd_proto::{
     CpuTimes, LastExit, LiveFacts, LiveSource, NetInterface, Resources, RuntimeDevice, Share,
@@ -109,6 +109,7 @@ fn op() -> impl Strategy<Value = Op> {
                 timeout_ms,
             }
         }),
+        Just(Op::Rights),
     ]
 }
 
@@ -479,6 +480,13 @@ fn reply() -> impl Strategy<Value = Reply> {
                     removed,
                 }
             )),
+        (text(), proptest::option::of(role()), vec(vm_name(), 0..4)).prop_map(
+            |(identity, role, changeable)| Reply::Rights(Rights {
+                identity,
+                role,
+                changeable,
+            })
+        ),
     ]
 }
 
@@ -514,7 +522,7 @@ fn hello_reply() -> impl Strategy<Value = HelloReply> {
 // here, and `strategies_cover_every_variant` then fails until the strategy
 // above generates it.
 
-const OPS: usize = 12;
+const OPS: usize = 13;
 
 fn op_index(op: &Op) -> usize {
     match op {
@@ -530,10 +538,11 @@ fn op_index(op: &Op) -> usize {
         Op::GetOperation { .. } => 9,
         Op::WaitOperation { .. } => 10,
         Op::Watch { .. } => 11,
+        Op::Rights => 12,
     }
 }
 
-const REPLIES: usize = 6;
+const REPLIES: usize = 7;
 
 fn reply_index(reply: &Reply) -> usize {
     match reply {
@@ -543,6 +552,7 @@ fn reply_index(reply: &Reply) -> usize {
         Reply::Accepted(_) => 3,
         Reply::Operation(_) => 4,
         Reply::Changed(_) => 5,
+        Reply::Rights(_) => 6,
     }
 }
 
