@@ -332,15 +332,22 @@ pub fn is_denial(error: &ErrorReply) -> bool {
 }
 
 fn is_change(op: &Op) -> bool {
-    !matches!(
-        op,
+    // Exhaustive, so that a new op must be placed on one side.
+    match op {
         Op::Host
-            | Op::ListVms
-            | Op::GetVm { .. }
-            | Op::GetOperation { .. }
-            | Op::WaitOperation { .. }
-            | Op::Watch { .. }
-    )
+        | Op::ListVms
+        | Op::GetVm { .. }
+        | Op::GetOperation { .. }
+        | Op::WaitOperation { .. }
+        | Op::Watch { .. }
+        | Op::Rights => false,
+        Op::Start { .. }
+        | Op::Shutdown { .. }
+        | Op::Restart { .. }
+        | Op::Pause { .. }
+        | Op::Resume { .. }
+        | Op::Resize { .. } => true,
+    }
 }
 
 #[cfg(test)]

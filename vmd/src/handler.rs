@@ -3,7 +3,8 @@
 //!
 //! 1. The client's role must cover the request (`reader` < `operator` <
 //!    `admin`); VMs outside its visible scope do not exist for it, and its
-//!    role only changes VMs in its change scope.
+//!    role only changes VMs in its change scope. `Rights` tells a client
+//!    which VMs that is, so it offers only what would be accepted.
 //! 2. Reads (`Host`, `ListVms`, `GetVm`, operations) answer from the
 //!    backends on request; nothing is polled in between (`Host` shares a
 //!    probe between requests within a second: `HostProbe::recent`).
@@ -18,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{Instrument, debug, error, info_span, warn};
-use vmd_proto::{ErrorReply, Op, OperationId, Reply, Request, Response, Role, Virtualization};
+use vmd_proto::{
+    ErrorReply, Op, OperationId, Reply, Request, Response, Rights, Role, Virtualization,
+};
 
 use crate::audit::{self, Outcome};
 use crate::connection::Session;
@@ -189,7 +192,8 @@ fn required_role(op: &Op) -> Role {
         | Op::GetVm { .. }
         | Op::GetOperation { .. }
         | Op::WaitOperation { .. }
-        | Op::Watch { .. } => Role::Reader,
+        | Op::Watch { .. }
+        | Op::Rights => Role::Reader,
         Op::Start { .. }
         | Op::Shutdown { force: false, .. }
         | Op::Restart { .. }
@@ -328,6 +332,7 @@ impl Handler {
                         .await?,
                 ));
             }
+            Op::Rights => return Ok(Reply::Rights(self.rights(session).await?)),
             Op::Start { name } => (name, Change::Start),
             Op::Shutdown {
                 name,
@@ -366,6 +371,30 @@ impl Handler {
             )));
         }
         Ok(Reply::Accepted(self.vms.change(&name, change, me).await?))
+    }
+
+    /// The session's role and the VMs it sees that it may change: the
+    /// same rules as a change's (role, change scope, protected), so a
+    /// client can offer only what would be accepted.
+    async fn rights(&self, session: &Session) -> Result<Rights, HandlerError> {
+        let grant = &session.grant;
+        let mut changeable: Vec<_> = if session.role() >= Some(Role::Operator) {
+            self.vms
+                .list(&grant.visible, &session.identity.name)
+                .await?
+                .into_iter()
+                .filter(|vm| !vm.protected && grant.change.contains(&vm.name))
+                .map(|vm| vm.name)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        changeable.sort_unstable();
+        Ok(Rights {
+            identity: session.identity.name.clone(),
+            role: session.role(),
+            changeable,
+        })
     }
 }
 
@@ -796,6 +825,44 @@ mod tests {
             Err(ErrorReply::Forbidden { reason }) if reason == "gui may not change app-vm"
         ));
         assert!(f.units.calls.lock().expect("lock").is_empty());
+        // Rights say so before anyone tries: app-vm is outside the change
+        // scope, admin-vm is protected; chv, unseen, is not named.
+        match ask(Op::Rights).await {
+            Ok(Reply::Rights(rights)) => {
+                assert_eq!(rights.identity, "gui");
+                assert_eq!(rights.role, Some(Role::Operator));
+                assert!(rights.changeable.is_empty(), "{rights:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `Rights` names the visible VMs a change would be accepted for:
+    /// none for a reader, every unprotected one for an operator or admin
+    /// whose change scope is everything; a metrics identity is refused it
+    /// as any other request on the main listener.
+    #[tokio::test]
+    async fn rights_name_what_the_session_may_change() {
+        let f = fixture(None).await;
+        let changeable = |reply| match reply {
+            Ok(Reply::Rights(rights)) => rights
+                .changeable
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert!(changeable(ask(&f, Some(Role::Reader), Op::Rights).await).is_empty());
+        for role in [Role::Operator, Role::Admin] {
+            let rights = changeable(ask(&f, Some(role), Op::Rights).await);
+            assert_eq!(rights, ["app-vm", "chv"], "{role}");
+        }
+        for role in [Some(Role::Metrics), None] {
+            assert!(matches!(
+                ask(&f, role, Op::Rights).await,
+                Err(ErrorReply::Forbidden { .. })
+            ));
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
 #[cfg(test)]
 mod tests {
     use vmd_proto::{
-        Bytes, CpuInfo, CpuTimes, ErrorReply, HostInfo, LiveFacts, MemoryCounts, MemoryInfo, Op,
-        OperationKind, Resources, VcpuCounts, Virtualization, VmInfo, VmName, VmState,
+        Bytes, CpuInfo, CpuTimes, ErrorReply, HostInfo, MemoryCounts, MemoryInfo, Op,
+        OperationKind, VcpuCounts, Virtualization, VmInfo, VmName, VmState,
     };
 
     use super::*;
@@ -79,30 +79,7 @@ mod tests {
     }
 
     fn bare(name: &str, state: VmState) -> VmInfo {
-        VmInfo {
-            name: VmName::new(name).expect("name"),
-            description: None,
-            hypervisor: None,
-            state,
-            autostart: None,
-            protected: false,
-            vsock_cid: None,
-            vcpus: VcpuCounts::default(),
-            memory: MemoryCounts::default(),
-            pid: None,
-            uptime_secs: None,
-            cgroup_memory: None,
-            cpu_time_ns: None,
-            tasks: None,
-            pending: None,
-            unit: None,
-            run_state: None,
-            live: LiveFacts::default(),
-            last_exit: None,
-            restarts: None,
-            restart_needed: None,
-            resources: Resources::default(),
-        }
+        VmInfo::new(VmName::new(name).expect("name"), state)
     }
 
     fn text(vms: &[VmInfo], counters: &Counters) -> String {
