@@ -180,6 +180,19 @@ async fn vmctl_sees_and_changes_real_vms() {
     let out = rig.vmctl("someone", &["start", COLD]).await;
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(rig.active_state(COLD).await, "inactive");
+    // And `whoami` says so before anyone tries: the operator may change
+    // every VM but the protected one; the reader none.
+    let out = rig.vmctl("operator", &["whoami", "--json"]).await;
+    let rights: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rights["identity"], "operator");
+    assert_eq!(rights["role"], "operator");
+    assert_eq!(rights["changeable"], serde_json::json!([AUTO, COLD]));
+    let out = rig.vmctl("someone", &["whoami"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("role        reader") && text.contains("may change  -"),
+        "{text}"
+    );
 
     // Start of a running VM: a clear refusal, nothing done.
     let out = rig.vmctl("admin", &["start", AUTO]).await;

@@ -26,7 +26,7 @@ use vmd_proto::codec::FrameCodec;
 use vmd_proto::frame::{FrameError, MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
 use vmd_proto::{
     Bytes, ErrorReply, Hello, HelloReply, HostInfo, Op, OperationId, OperationInfo,
-    PROTOCOL_VERSION, Reply, Request, Response, VmInfo, VmName, WatchEvent, Welcome,
+    PROTOCOL_VERSION, Reply, Request, Response, Rights, VmInfo, VmName, WatchEvent, Welcome,
 };
 
 use crate::endpoint::Endpoint;
@@ -394,6 +394,18 @@ impl Client {
         match self.call(Op::ListVms).await? {
             Reply::Vms(vms) => Ok(vms),
             _ => Err(ClientError::UnexpectedReply("list-vms")),
+        }
+    }
+
+    /// What this session may do: its role and the VMs it may change.
+    ///
+    /// # Errors
+    /// As [`Client::call`]; a server older than `Op::Rights` answers
+    /// `Malformed`.
+    pub async fn rights(&self) -> Result<Rights, ClientError> {
+        match self.call(Op::Rights).await? {
+            Reply::Rights(rights) => Ok(rights),
+            _ => Err(ClientError::UnexpectedReply("rights")),
         }
     }
 

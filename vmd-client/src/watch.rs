@@ -234,30 +234,7 @@ mod tests {
     }
 
     fn vm(name: &str, state: VmState) -> VmInfo {
-        VmInfo {
-            name: VmName::new(name).expect("valid name"),
-            description: None,
-            hypervisor: None,
-            state,
-            autostart: None,
-            protected: false,
-            vsock_cid: None,
-            vcpus: vmd_proto::VcpuCounts::default(),
-            memory: vmd_proto::MemoryCounts::default(),
-            pid: None,
-            uptime_secs: None,
-            cgroup_memory: None,
-            cpu_time_ns: None,
-            tasks: None,
-            pending: None,
-            unit: None,
-            run_state: None,
-            live: vmd_proto::LiveFacts::default(),
-            last_exit: None,
-            restarts: None,
-            restart_needed: None,
-            resources: vmd_proto::Resources::default(),
-        }
+        VmInfo::new(VmName::new(name).expect("valid name"), state)
     }
 
     fn event(generation: u64, snapshot: bool, changed: Vec<VmInfo>) -> Step {

@@ -164,6 +164,8 @@ enum Command {
         #[command(flatten)]
         wait: Wait,
     },
+    /// Who the server says you are, your role, and the VMs you may change.
+    Whoami,
     /// Show the settings vmctl would use (config file, then flags),
     /// without connecting or reading the certificates.
     Config,
@@ -382,6 +384,12 @@ async fn run(args: Args) -> Result<(), Failure> {
         Command::Host => {
             let host = client.host().await.map_err(fail)?;
             println!("{}", render(output::render(json, &host, output::host))?);
+            client.close().await;
+            return Ok(());
+        }
+        Command::Whoami => {
+            let rights = client.rights().await.map_err(fail)?;
+            println!("{}", render(output::render(json, &rights, output::rights))?);
             client.close().await;
             return Ok(());
         }

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use serde::Serialize;
-use vmd_proto::{HostInfo, OperationInfo, OperationStatus, Virtualization, VmInfo};
+use vmd_proto::{HostInfo, OperationInfo, OperationStatus, Rights, Virtualization, VmInfo};
 
 /// JSON if asked, else the human form.
 pub(crate) fn render<T: Serialize + ?Sized>(
@@ -50,6 +50,18 @@ pub(crate) fn config(
     ])
     .trim_end()
     .to_owned()
+}
+
+/// `vmctl whoami`.
+pub(crate) fn rights(rights: &Rights) -> String {
+    pairs(&[
+        ("identity", rights.identity.clone()),
+        ("role", or_dash(rights.role)),
+        (
+            "may change",
+            list_or_dash(rights.changeable.iter().map(ToString::to_string)),
+        ),
+    ])
 }
 
 pub(crate) fn or_dash<T: ToString>(value: Option<T>) -> String {
