@@ -8,6 +8,8 @@ DBUS_SESSION_BUS_ADDRESS (and DISPLAY) of the application's session.
   atspi.py dump APP           every accessible: depth, role, name, states
   atspi.py click APP NAME     do the first action ("click") of the
                               accessible named NAME (exactly)
+  atspi.py set APP NAME VALUE set the value of the accessible named NAME
+                              (a spin button, a slider) to VALUE
 
 APP is the application's name on the accessibility bus (its prgname).
 Exit codes: 0 done; 1 APP or NAME not found, or the action failed;
@@ -89,8 +91,24 @@ def click(app, name):
     return 1
 
 
+def set_value(app, name, value):
+    for _, node in walk(app):
+        try:
+            if node.name != name:
+                continue
+            node.queryValue().currentValue = value
+        except NotImplementedError:
+            continue
+        except Exception:
+            continue
+        print(f"set {name} to {value}")
+        return 0
+    print(f"no accessible named {name!r} with a value", file=sys.stderr)
+    return 1
+
+
 def main(argv):
-    if len(argv) < 3 or argv[1] not in ("dump", "click"):
+    if len(argv) < 3 or argv[1] not in ("dump", "click", "set"):
         print(__doc__, file=sys.stderr)
         return 2
     app = application(argv[2])
@@ -99,6 +117,16 @@ def main(argv):
         return 1
     if argv[1] == "dump":
         return dump(app)
+    if argv[1] == "set":
+        if len(argv) != 5:
+            print(__doc__, file=sys.stderr)
+            return 2
+        try:
+            value = float(argv[4])
+        except ValueError:
+            print(f"not a number: {argv[4]!r}", file=sys.stderr)
+            return 2
+        return set_value(app, argv[3], value)
     if len(argv) != 4:
         print(__doc__, file=sys.stderr)
         return 2

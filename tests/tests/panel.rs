@@ -7,15 +7,17 @@
 //!    role (an operator gets no force stop, a protected VM no buttons).
 //! 2. Start clicked in the window starts the VM: the row says running,
 //!    and so does systemd.
-//! 3. A start outside the identity's change scope shows `forbidden` on
-//!    the row.
+//! 3. A VM outside the identity's change scope gets no buttons: the panel
+//!    asks vmd (`Rights`) which VMs it may change.
 //! 4. Minimised for 30 s (while a VM changes behind its back), the panel
 //!    sends not one byte (counted by a relay in front of vmd); restored,
 //!    it sends again and shows the change.
 //! 5. vmd unreachable: the window says so and lists every endpoint with
 //!    its error; back, the panel reconnects by itself.
-//! 6. As admin: force stop asks for a confirmation; cancelled, nothing
-//!    happens; confirmed, the VM stops.
+//! 6. As admin: a resize beyond the VM's maximum shows vmd's refusal on
+//!    the row; one within it reaches QEMU (its own count of vCPUs) and the
+//!    row. Force stop asks for a confirmation; cancelled, nothing happens;
+//!    confirmed, the VM stops.
 //!
 //! Screenshots go to `target/test-artefacts/panel-*.png`.
 //!
@@ -482,13 +484,30 @@ impl<'a> Panel<'a> {
 
     /// Clicks the accessible named `name` (retrying until it is there).
     async fn click(&self, name: &str) {
+        self.drive(&["click", APP, name], &format!("click {name}"))
+            .await;
+    }
+
+    /// Sets the value of the accessible named `name` (a spin button),
+    /// retrying until it is there.
+    async fn set_value(&self, name: &str, value: u32) {
+        self.drive(
+            &["set", APP, name, &value.to_string()],
+            &format!("set {name}"),
+        )
+        .await;
+    }
+
+    /// Runs `atspi.py ARGS` until it succeeds (what it acts on may not be
+    /// shown yet), or gives up after [`PATIENCE`].
+    async fn drive(&self, args: &[&str], what: &str) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let out = self
                 .desktop
                 .command(PYTHON)
                 .arg(atspi_helper())
-                .args(["click", APP, name])
+                .args(args)
                 .output()
                 .await
                 .expect("atspi.py runs");
@@ -497,7 +516,7 @@ impl<'a> Panel<'a> {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "cannot click {name}: {}\n{}",
+                "cannot {what}: {}\n{}",
                 String::from_utf8_lossy(&out.stderr),
                 self.tree().await
             );
@@ -624,6 +643,11 @@ async fn panel_shows_and_controls_real_vms() {
         !named_prefix(&tree, "Stop admin-vm") && !named_prefix(&tree, "Start admin-vm"),
         "a protected VM is offered changes:\n{tree}"
     );
+    // 3. Outside the change scope: no buttons (the server said which).
+    assert!(
+        !named_prefix(&tree, "Start spare-vm") && !named_prefix(&tree, "Restart spare-vm"),
+        "a VM outside the change scope is offered changes:\n{tree}"
+    );
     panel
         .wait_for("the host summary and a graph reading", |t| {
             named_prefix(t, "Load: ")
@@ -644,15 +668,6 @@ async fn panel_shows_and_controls_real_vms() {
         .await;
     let shot = desktop.screenshot("started").await;
     assert!(std::fs::metadata(&shot).expect("screenshot").len() > 1000);
-
-    // 3. Forbidden, on the row.
-    panel.click("Start spare-vm").await;
-    panel
-        .wait_for("forbidden on spare-vm's row", |t| {
-            named_prefix(t, "spare-vm outcome: start: forbidden")
-        })
-        .await;
-    assert_eq!(rig.active_state(SPARE).await, "inactive");
 
     // 4. Minimised: not one byte for 30 s, even while a VM changes.
     let window = panel.window().await;
@@ -713,7 +728,34 @@ async fn panel_shows_and_controls_real_vms() {
     let admin = client_config(&rig, configs.path(), "admin", &endpoints);
     let panel = Panel::start(&desktop, &admin).await;
     panel.wait_named("auto-vm state: running").await;
-    panel.wait_named("Resize auto-vm").await;
+    // A resize beyond the maximum (4): vmd's refusal, on the row.
+    panel.click("Resize auto-vm").await;
+    panel.set_value("auto-vm vCPUs", 5).await;
+    panel.click("Confirm resize auto-vm").await;
+    panel
+        .wait_for("the refused resize on the row", |t| {
+            named_prefix(
+                t,
+                "auto-vm outcome: resize: invalid argument: vcpus 5 exceeds the maximum of 4",
+            ) && !named(t, "Confirm resize auto-vm")
+        })
+        .await;
+    // Within it: QEMU runs three vCPUs, and the row says so.
+    panel.click("Resize auto-vm").await;
+    panel.set_value("auto-vm vCPUs", 3).await;
+    desktop.screenshot("resize").await;
+    panel.click("Confirm resize auto-vm").await;
+    panel
+        .wait_for("the resize done and shown", |t| {
+            named(t, "auto-vm outcome: resize: done") && named_prefix(t, "auto-vm details: 3 vCPUs")
+        })
+        .await;
+    let cpus = rig
+        .main_socket_command(AUTO, "query-cpus-fast", None)
+        .await
+        .expect("QEMU answers on its main socket");
+    assert_eq!(cpus.as_array().map(Vec::len), Some(3), "{cpus}");
+
     panel.click("Force stop auto-vm").await;
     panel.wait_named("Confirm force stop auto-vm").await;
     desktop.screenshot("confirm").await;

@@ -11,7 +11,8 @@
 //!    until "retry now"), and try again.
 //! 3. Connected: follow every visible VM through a chain of `Watch`
 //!    long-polls (no polling of state), and once a second read the host
-//!    and each VM for the graphs.
+//!    and each VM for the graphs. Before each snapshot, ask which VMs the
+//!    session may change (`Rights`), so rows offer only what vmd accepts.
 //! 4. A button's change runs as a task: the server's answer (accepted,
 //!    busy, forbidden, unsupported, …) and then the operation's end go
 //!    back to the row.
@@ -26,7 +27,7 @@ use futures_util::StreamExt;
 use vmd_client::{Client, ClientConfig, ClientError, ClientTls, ConnectOptions, error_chain};
 use vmd_proto::{Bytes, HostInfo, OperationStatus, Role, VmInfo, VmName, WatchEvent};
 
-use crate::model::{Action, Backoff, Outcome};
+use crate::model::{Action, Backoff, ChangeScope, Outcome};
 
 /// How often the graphs are read while the window is visible.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -79,6 +80,8 @@ pub enum FromLink {
     },
     /// A host read.
     Host(Box<HostInfo>),
+    /// Which VMs the session may change; sent before each snapshot.
+    Rights(ChangeScope),
     /// A watch answer (the first is a snapshot).
     Watch(WatchEvent),
     /// A graph read of one VM.
@@ -274,6 +277,16 @@ async fn session(
                 Some(Ok(event)) => {
                     if event.snapshot {
                         names.clear();
+                        // A snapshot starts a session or follows an
+                        // inventory change: ask again which VMs may be
+                        // changed, before their rows are drawn.
+                        let scope = match change_scope(client).await {
+                            Ok(scope) => scope,
+                            Err(e) => return End::Lost(error_chain(&e)),
+                        };
+                        if to_ui.send(FromLink::Rights(scope)).await.is_err() {
+                            return End::Quit;
+                        }
                     }
                     names.retain(|n| !event.removed.contains(n));
                     for vm in &event.changed {
@@ -310,6 +323,16 @@ async fn session(
                 Err(_) => return End::Quit,
             },
         }
+    }
+}
+
+/// Which VMs the session may change. A server that cannot say (older
+/// than `Op::Rights`, or refusing it) leaves it to the role.
+async fn change_scope(client: &Client) -> Result<ChangeScope, ClientError> {
+    match client.rights().await {
+        Ok(rights) => Ok(ChangeScope::Only(rights.changeable.into_iter().collect())),
+        Err(ClientError::Server(_)) => Ok(ChangeScope::Unknown),
+        Err(e) => Err(e),
     }
 }
 

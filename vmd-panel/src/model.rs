@@ -2,7 +2,7 @@
 //! watch, their graph samples, the host summary, the actions a role may
 //! take, and the words for every answer. Everything here is unit-tested.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use vmd_proto::{
@@ -117,16 +117,37 @@ pub fn may_read(role: Option<Role>) -> bool {
     role.is_some_and(|r| r >= Role::Reader)
 }
 
-/// The actions offered on `vm`'s row to a client with `role`: those the
-/// role allows, none on a protected VM (the server never changes it over
-/// the network) and none without a role. The server does not tell which
-/// VMs the identity's change scope covers, so a VM outside it gets the
-/// role's buttons and the server's `forbidden` shows on the row.
-pub fn offered(role: Option<Role>, vm: &VmInfo) -> Vec<Action> {
+/// Which VMs the session may change, as the server says (`Op::Rights`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ChangeScope {
+    /// Not said (a server older than `Op::Rights`, or not asked yet): the
+    /// role alone decides, and a VM outside the identity's change scope
+    /// gets `forbidden` on its row when a button is pressed.
+    #[default]
+    Unknown,
+    /// Exactly these VMs (inside the change scope and not protected).
+    Only(BTreeSet<VmName>),
+}
+
+impl ChangeScope {
+    /// Whether changes to `vm` may be offered.
+    pub fn covers(&self, vm: &VmName) -> bool {
+        match self {
+            Self::Unknown => true,
+            Self::Only(vms) => vms.contains(vm),
+        }
+    }
+}
+
+/// The actions offered on `vm`'s row to a client with `role` and change
+/// `scope`: those the role allows, on a VM the scope covers; none on a
+/// protected VM (the server never changes it over the network) and none
+/// without a role.
+pub fn offered(role: Option<Role>, scope: &ChangeScope, vm: &VmInfo) -> Vec<Action> {
     let Some(role) = role else {
         return Vec::new();
     };
-    if vm.protected {
+    if vm.protected || !scope.covers(&vm.name) {
         return Vec::new();
     }
     Action::ALL
@@ -483,37 +504,13 @@ pub fn memory_mib(info: &VmInfo) -> u64 {
 #[cfg(test)]
 mod tests {
     use vmd_proto::{
-        CpuInfo, CpuTimes, KvmInfo, MemoryCounts, MemoryInfo, OperationId, OperationKind,
-        PendingOperation, VcpuCounts,
+        CpuInfo, CpuTimes, KvmInfo, MemoryInfo, OperationId, OperationKind, PendingOperation,
     };
 
     use super::*;
 
     fn vm(name: &str, state: VmState) -> VmInfo {
-        VmInfo {
-            name: VmName::new(name).expect("name"),
-            description: None,
-            hypervisor: None,
-            state,
-            autostart: None,
-            protected: false,
-            vsock_cid: None,
-            vcpus: VcpuCounts::default(),
-            memory: MemoryCounts::default(),
-            pid: None,
-            uptime_secs: None,
-            cgroup_memory: None,
-            cpu_time_ns: None,
-            tasks: None,
-            pending: None,
-            unit: None,
-            run_state: None,
-            live: Default::default(),
-            last_exit: None,
-            restarts: None,
-            restart_needed: None,
-            resources: Default::default(),
-        }
+        VmInfo::new(VmName::new(name).expect("name"), state)
     }
 
     fn event(snapshot: bool, changed: Vec<VmInfo>, removed: Vec<&str>) -> WatchEvent {
@@ -531,6 +528,7 @@ mod tests {
     #[test]
     fn roles_get_their_buttons_and_protected_vms_none() {
         let running = vm("a", VmState::Running);
+        let offered = |role, vm: &VmInfo| offered(role, &ChangeScope::Unknown, vm);
         assert!(offered(None, &running).is_empty());
         assert!(offered(Some(Role::Reader), &running).is_empty());
         assert!(offered(Some(Role::Metrics), &running).is_empty());
@@ -555,6 +553,24 @@ mod tests {
             ..running
         };
         assert!(offered(Some(Role::Admin), &protected).is_empty());
+    }
+
+    #[test]
+    fn only_vms_the_server_names_get_buttons() {
+        let (a, b) = (vm("a", VmState::Running), vm("b", VmState::Running));
+        let scope = ChangeScope::Only([a.name.clone()].into());
+        assert!(!offered(Some(Role::Admin), &scope, &a).is_empty());
+        assert!(offered(Some(Role::Admin), &scope, &b).is_empty());
+        assert!(
+            offered(
+                Some(Role::Operator),
+                &ChangeScope::Only(BTreeSet::new()),
+                &a
+            )
+            .is_empty()
+        );
+        // An older server says nothing: the role decides.
+        assert!(!offered(Some(Role::Operator), &ChangeScope::Unknown, &b).is_empty());
     }
 
     #[test]

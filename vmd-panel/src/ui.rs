@@ -25,7 +25,7 @@ use gtk4 as gtk;
 use vmd_proto::{Bytes, Role, VmName};
 
 use crate::link::{FromLink, ToLink};
-use crate::model::{self, Action, HostSummary, Outcome, RowChange, Rows, Series};
+use crate::model::{self, Action, ChangeScope, HostSummary, Outcome, RowChange, Rows, Series};
 
 /// Names of the stack's pages.
 const PAGE_CONNECTING: &str = "connecting";
@@ -63,6 +63,8 @@ struct Panel {
     widgets: HashMap<VmName, RowWidgets>,
     host: HostSummary,
     role: Option<Role>,
+    /// Which VMs' rows get change buttons.
+    scope: ChangeScope,
     /// What was last sent as [`ToLink::Visible`].
     visible: Option<bool>,
 }
@@ -197,6 +199,7 @@ pub fn build(app: &gtk::Application, to_link: Sender<ToLink>, from_link: Receive
         widgets: HashMap::new(),
         host: HostSummary::default(),
         role: None,
+        scope: ChangeScope::Unknown,
         visible: None,
     }));
 
@@ -316,6 +319,15 @@ fn handle(panel: &Shared, msg: FromLink) {
             for (l, text) in p.host_labels.iter().zip(lines) {
                 l.set_text(&text);
                 name(l, &text);
+            }
+        }
+        FromLink::Rights(scope) => {
+            if scope != p.scope {
+                p.scope = scope;
+                // The rows' buttons were made for the old scope; the
+                // snapshot that follows draws them anew.
+                let changes = p.rows.clear();
+                apply_changes(&mut p, panel, changes);
             }
         }
         FromLink::Watch(event) => {
@@ -480,7 +492,7 @@ fn new_row(panel: &Shared, p: &Panel, vm: &VmName) -> RowWidgets {
     let info = p.rows.get(vm).map(|r| r.info.clone());
     let actions = info
         .as_ref()
-        .map_or_else(Vec::new, |i| model::offered(p.role, i));
+        .map_or_else(Vec::new, |i| model::offered(p.role, &p.scope, i));
     let mut buttons = Vec::new();
     for action in actions {
         let button = gtk::Button::with_label(action.label());
