@@ -6,7 +6,8 @@
 //! is `Forbidden` everything on the main listener; a reader with a visible
 //! scope sees only its VMs' series. Scrapes without a certificate, with a
 //! foreign CA's certificate, or with an identity no rule names are refused,
-//! and the real `vmd` binary's audit log says so.
+//! and the real `vmd` binary's audit log says so. A scraper that stops
+//! reading its answers is cut off after the write timeout.
 //!
 //! A missing `prometheus` (or systemd, QEMU) fails the suite.
 
@@ -16,6 +17,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use serde_json::Value;
 use vmd::pki::{CertificateAuthority, Validity};
@@ -262,8 +265,9 @@ async fn prometheus_scrapes_a_real_host_over_mtls() {
     assert_eq!(answer.status, 405, "{answer:?}");
 }
 
-/// The real `vmd` binary with the metrics listener, for its audit log.
-async fn daemon(pki: &TestPki) -> (DaemonProcess, SocketAddr) {
+/// The real `vmd` binary with the metrics listener, for its audit log;
+/// `limits` are more lines of its `[limits]` table.
+async fn daemon(pki: &TestPki, limits: &str) -> (DaemonProcess, SocketAddr) {
     let tls = pki.server_paths();
     let dir = pki.scratch();
     let config = dir.join("vmd.toml");
@@ -290,6 +294,7 @@ async fn daemon(pki: &TestPki) -> (DaemonProcess, SocketAddr) {
             key = {key:?}
             [limits]
             handshake_timeout_secs = 2
+            {limits}
             [vms]
             state_dir = {state:?}
             inventory = {inventory:?}
@@ -329,7 +334,7 @@ fn result(fields: &Value) -> &str {
 #[tokio::test]
 async fn refused_scrapes_are_audited() {
     let pki = TestPki::new();
-    let (daemon, addr) = daemon(&pki).await;
+    let (daemon, addr) = daemon(&pki, "").await;
     let ok = scrape::metrics(addr, metrics_tls(&pki, "prometheus"), "GET", "/metrics")
         .await
         .expect("the metrics identity scrapes");
@@ -403,4 +408,61 @@ async fn refused_scrapes_are_audited() {
             .starts_with("vmd_connections_total{listener=\"metrics\",transport=\"tcp\"}")),
         "{text}"
     );
+}
+
+/// A scraper that sends requests and then stops reading the answers is
+/// cut off once an answer makes no progress for the write timeout (hyper
+/// has no such deadline of its own): it cannot hold a connection, and the
+/// task serving it, for ever.
+#[tokio::test]
+async fn a_scraper_that_stops_reading_is_cut_off() {
+    /// Pipelined scrapes: their answers (kilobytes each) are far more than
+    /// the sockets' buffers hold (at most 4 MiB to send here).
+    const REQUESTS: usize = 4000;
+    let pki = TestPki::new();
+    let (_daemon, addr) = daemon(
+        &pki,
+        "write_timeout_secs = 1\nrequests_per_second = 1000000\nrequest_burst = 1000000",
+    )
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(vmd_proto::SERVER_NAME).expect("name");
+    let tls = tokio_rustls::TlsConnector::from(metrics_tls(&pki, "prometheus"))
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let requests = "GET /metrics HTTP/1.1\r\nHost: vmd\r\n\r\n".repeat(REQUESTS);
+    let sending = tokio::spawn(async move {
+        // Blocks once vmd stops reading; ends when vmd closes.
+        let _ = writer.write_all(requests.as_bytes()).await;
+        writer
+    });
+    // Not reading, for well over the write timeout.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(60),
+        reader.read_to_end(&mut received),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "vmd kept the connection open for a reader that had stopped"
+    );
+    let answers = String::from_utf8_lossy(&received)
+        .matches("HTTP/1.1 200 OK")
+        .count();
+    assert!(
+        answers < REQUESTS,
+        "all {answers} answers arrived: vmd waited for the reader instead of cutting it off"
+    );
+    sending.abort();
+    // The listener serves the next scraper as before.
+    let ok = scrape::metrics(addr, metrics_tls(&pki, "prometheus"), "GET", "/metrics")
+        .await
+        .expect("a scrape after the cut-off");
+    assert_eq!(ok.status, 200, "{ok:?}");
 }

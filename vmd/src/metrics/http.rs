@@ -19,8 +19,9 @@
 //!    spend the connection's refusal budget, and when it is spent the
 //!    connection closes and the identity is penalized.
 //! 4. The connection closes when the peer closes, when no request head
-//!    arrives within the idle timeout, or at shutdown (after the request in
-//!    flight is answered).
+//!    arrives within the idle timeout, when an answer makes no progress
+//!    within the write timeout (a scraper that stopped reading), or at
+//!    shutdown (after the request in flight is answered).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep_until};
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span};
 
@@ -166,7 +168,12 @@ async fn serve_inner<S>(
             .header_read_timeout(limits.idle_timeout)
             .max_buf_size(limits.max_request_frame as usize)
             .keep_alive(granted);
-        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        // hyper has no write deadline: an answer that makes no progress
+        // for `write_timeout` (a scraper that stopped reading) ends the
+        // connection, as on the main listener.
+        let mut stream = TimeoutStream::new(tls);
+        stream.set_write_timeout(Some(limits.write_timeout));
+        let conn = builder.serve_connection(TokioIo::new(Box::pin(stream)), service);
         tokio::pin!(conn);
         tokio::select! {
             result = conn.as_mut() => {
