@@ -426,7 +426,9 @@ async fn a_scraper_that_stops_reading_is_cut_off() {
     )
     .await;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
     let tcp = socket.connect(addr).await.expect("connect");
     let name = rustls_pki_types::ServerName::try_from(vmd_proto::SERVER_NAME).expect("name");
     let tls = tokio_rustls::TlsConnector::from(metrics_tls(&pki, "prometheus"))
@@ -443,11 +445,8 @@ async fn a_scraper_that_stops_reading_is_cut_off() {
     // Not reading, for well over the write timeout.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut received = Vec::new();
-    let read = tokio::time::timeout(
-        Duration::from_secs(60),
-        reader.read_to_end(&mut received),
-    )
-    .await;
+    let read =
+        tokio::time::timeout(Duration::from_secs(60), reader.read_to_end(&mut received)).await;
     assert!(
         read.is_ok(),
         "vmd kept the connection open for a reader that had stopped"

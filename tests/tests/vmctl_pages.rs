@@ -1,7 +1,8 @@
 //! `vmctl`'s completion scripts and man pages, through the real programs
-//! that read them: bash loads the completion, groff renders the pages.
-//! Needs bash and groff (Debian's groff-base, in scripts/test's list); a
-//! missing one fails.
+//! that read them: bash, zsh and fish load the completions (and bash and
+//! fish complete a word with them), groff renders the pages. Needs bash,
+//! zsh, fish and groff (Debian's zsh, fish and groff-base, in
+//! scripts/test's list); a missing one fails.
 
 #![cfg(feature = "system-tests")]
 
@@ -41,6 +42,52 @@ fn bash_loads_the_completion() {
     let words = String::from_utf8_lossy(&out.stdout);
     for word in ["start", "stop"] {
         assert!(words.split_whitespace().any(|w| w == word), "{words}");
+    }
+}
+
+/// Runs `shell -c script`, which must succeed; its stdout.
+fn shell(shell: &str, args: &[&str], script: &str) -> String {
+    let out = Command::new(shell)
+        .args(args)
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap_or_else(|e| panic!("{shell} runs (Debian's {shell} package): {e}"));
+    assert!(
+        out.status.success(),
+        "{shell}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn zsh_loads_the_completion() {
+    // -f: no user start-up files; the completion system, then the script,
+    // which must register `_vmctl` for vmctl.
+    let script = format!(
+        "autoload -U compinit && compinit -u -D && source <({} completions zsh) \
+         && whence -w _vmctl && print -r -- $_comps[vmctl]",
+        vmctl().display()
+    );
+    let stdout = shell("zsh", &["-f"], &script);
+    assert_eq!(stdout, "_vmctl: function\n_vmctl\n");
+}
+
+#[test]
+fn fish_completes_with_the_completion() {
+    let vmctl = vmctl();
+    let script = format!(
+        "{} completions fish | source; and complete -C 'vmctl st'; and complete -C 'vmctl stop --'",
+        vmctl.display()
+    );
+    let stdout = shell("fish", &["--no-config"], &script);
+    let words: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    for word in ["start", "stop", "--force", "--wait"] {
+        assert!(words.contains(&word), "{word} missing: {stdout}");
     }
 }
 
