@@ -14,8 +14,9 @@
 //!    it sends again and shows the change.
 //! 5. vmd unreachable: the window says so and lists every endpoint with
 //!    its error; back, the panel reconnects by itself.
-//! 6. As admin: a resize beyond the VM's maximum shows vmd's refusal on
-//!    the row; one within it reaches QEMU (its own count of vCPUs) and the
+//! 6. As admin: a force stop of a VM whose graceful stop still runs
+//!    shows vmd's `busy` on the row; a resize beyond the VM's maximum
+//!    shows vmd's refusal on the row; one within it reaches QEMU (its own count of vCPUs) and the
 //!    row. Force stop asks for a confirmation; cancelled, nothing happens;
 //!    confirmed, the VM stops.
 //!
@@ -51,8 +52,12 @@ use vmd_tests::workspace_binary;
 /// waiting, not a claim about speed).
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Not autostarted, and outside the test operator's change scope.
+/// Outside the test operator's change scope; its guest takes
+/// [`SLOW_POWERDOWN`] to power off, so a graceful stop runs that long.
 const SPARE: &str = "spare-vm";
+
+/// How long `spare-vm`'s guest takes to power off.
+const SLOW_POWERDOWN: Duration = Duration::from_secs(20);
 
 /// The application's name on the accessibility bus.
 const APP: &str = "vmd-panel";
@@ -601,7 +606,9 @@ async fn panel_shows_and_controls_real_vms() {
             DeclaredVm::new(AUTO).autostart(),
             DeclaredVm::new(COLD),
             DeclaredVm::new(GUARDED).autostart().protected(),
-            DeclaredVm::new(SPARE),
+            DeclaredVm::new(SPARE)
+                .autostart()
+                .powering_down_after(SLOW_POWERDOWN),
         ],
         |c| {
             c.policy.identities.push(IdentityRule {
@@ -624,7 +631,7 @@ async fn panel_shows_and_controls_real_vms() {
             named(t, "auto-vm state: running")
                 && named(t, "cold-vm state: stopped")
                 && named(t, "admin-vm state: running")
-                && named(t, "spare-vm state: stopped")
+                && named(t, "spare-vm state: running")
         })
         .await;
     assert!(
@@ -728,6 +735,32 @@ async fn panel_shows_and_controls_real_vms() {
     let admin = client_config(&rig, configs.path(), "admin", &endpoints);
     let panel = Panel::start(&desktop, &admin).await;
     panel.wait_named("auto-vm state: running").await;
+    // A change while another runs: vmd's `busy`, on the row (the guest
+    // takes 20 s to power off, so the graceful stop is still running).
+    let out = rig.vmctl("admin", &["stop", SPARE]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    panel
+        .wait_for("spare-vm's stop under way", |t| {
+            named_prefix(t, "spare-vm state: stopping")
+                || named(t, "spare-vm state: running (shutdown in progress)")
+        })
+        .await;
+    panel.click("Force stop spare-vm").await;
+    panel.click("Confirm force stop spare-vm").await;
+    panel
+        .wait_for("busy on spare-vm's row", |t| {
+            named(
+                t,
+                "spare-vm outcome: force stop: busy: spare-vm is running shutdown",
+            )
+        })
+        .await;
+    desktop.screenshot("busy").await;
+
     // A resize beyond the maximum (4): vmd's refusal, on the row.
     panel.click("Resize auto-vm").await;
     panel.set_value("auto-vm vCPUs", 5).await;
