@@ -18,6 +18,8 @@
 //! - [`watch`]: following VMs through a chain of `Watch` long-polls.
 //! - [`config`]: the `client.toml` file, its named hosts
 //!   (`[hosts.NAME]`) and where it is looked up.
+//! - [`args`]: the connection flags of every client program (`vmctl`,
+//!   `vmd-panel`) and how they go on top of the config file.
 //! - `src/bin/vmctl/`: the `vmctl` command line tool: `main.rs` (arguments,
 //!   settings, one command per run, several VMs per change), `output.rs`
 //!   (tables and JSON), `hosts.rs` (`list --all-hosts`), `watch.rs`,
@@ -26,12 +28,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod args;
 pub mod client;
 pub mod config;
 pub mod endpoint;
 pub mod tls;
 pub mod watch;
 
+pub use args::ConnectArgs;
 pub use client::{Client, ClientError, ConnectOptions};
 pub use config::ClientConfig;
 pub use endpoint::Endpoint;

@@ -6,15 +6,13 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 use gtk::prelude::*;
 use gtk::{gio, glib};
 use gtk4 as gtk;
-use vmd_client::{ClientConfig, ClientTls, Endpoint, error_chain};
+use vmd_client::{ClientTls, ConnectArgs, error_chain};
 use vmd_panel::{link, ui};
 
 /// The GTK application id.
@@ -24,84 +22,16 @@ const APP_ID: &str = "org.ghaf.VmdPanel";
 #[derive(Debug, Parser)]
 #[command(name = "vmd-panel", version, about)]
 struct Args {
-    /// Where vmd listens: tcp://HOST:PORT, vsock://CID:PORT,
-    /// hvsock:///PATH:PORT or auto (vsock to the host, then the config's
-    /// auto_tcp); repeatable, tried in order [default: from the config
-    /// file, else tcp://127.0.0.1:9876].
-    #[arg(long, short, value_parser = check_endpoint)]
-    endpoint: Vec<String>,
-    /// Client config file [default: $XDG_CONFIG_HOME/vmd/client.toml, then /etc/vmd/client.toml].
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    /// Use the development daemon of `vmd serve --dev` and its dev-admin certificate.
-    #[arg(long, conflicts_with = "config")]
-    dev: bool,
-    /// CA certificate (PEM).
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// Client certificate (PEM).
-    #[arg(long)]
-    cert: Option<PathBuf>,
-    /// Client key (PEM).
-    #[arg(long)]
-    key: Option<PathBuf>,
-    /// The name the server certificate must carry.
-    #[arg(long)]
-    server_name: Option<String>,
-    /// Bound on each connection step, in milliseconds.
-    #[arg(long)]
-    timeout_ms: Option<u64>,
-}
-
-/// Checks an `--endpoint` value at parse time; `auto` is expanded once
-/// the config (and its `auto_tcp`) is known.
-fn check_endpoint(text: &str) -> Result<String, vmd_client::endpoint::EndpointError> {
-    Endpoint::parse_list(text).map(|_| text.to_owned())
+    #[command(flatten)]
+    connect: ConnectArgs,
 }
 
 /// The config file (or `--dev`'s), then flags on top, then the TLS files.
 fn settings(args: &Args) -> Result<link::Settings, String> {
-    let mut config = if args.dev {
-        ClientConfig::dev()
-    } else {
-        match args.config.clone().or_else(ClientConfig::find) {
-            Some(path) => ClientConfig::load(&path).map_err(|e| error_chain(&e))?,
-            None => ClientConfig::default(),
-        }
-    };
-    if !args.endpoint.is_empty() {
-        let mut endpoints = Vec::new();
-        for text in &args.endpoint {
-            let list =
-                Endpoint::parse_list_via(text, &config.auto_tcp).map_err(|e| e.to_string())?;
-            endpoints.extend(list);
-        }
-        config.endpoints = endpoints;
-    }
-    for (slot, flag) in [
-        (&mut config.ca, &args.ca),
-        (&mut config.cert, &args.cert),
-        (&mut config.key, &args.key),
-    ] {
-        if let Some(v) = flag {
-            slot.clone_from(v);
-        }
-    }
-    if let Some(name) = &args.server_name {
-        config.server_name.clone_from(name);
-    }
-    if let Some(ms) = args.timeout_ms {
-        config.connect_timeout = Duration::from_millis(ms);
-    }
+    let (mut config, _file) = args.connect.config_file().map_err(|e| error_chain(&e))?;
+    args.connect.apply(&mut config).map_err(|e| e.to_string())?;
     let tls = ClientTls::from_files(&config.ca, &config.cert, &config.key, &config.server_name)
-        .map_err(|e| {
-            let hint = if args.dev {
-                " (is `vmd serve --dev` running or has it run once?)"
-            } else {
-                ""
-            };
-            format!("{}{hint}", error_chain(&e))
-        })?;
+        .map_err(|e| format!("{}{}", error_chain(&e), args.connect.tls_hint()))?;
     Ok(link::Settings { config, tls })
 }
 

@@ -32,13 +32,13 @@ pub(crate) type HostAnswer = Result<Vec<VmInfo>, Silent>;
 
 /// Runs `vmctl list --all-hosts`.
 pub(crate) async fn list_all(args: &Args) -> Result<(), Failure> {
-    if args.host.is_some() || !args.endpoint.is_empty() {
+    if args.host.is_some() || !args.connect.endpoint.is_empty() {
         return Err(Failure::Usage(
             "--all-hosts asks every [hosts.NAME] of the config file: not with --host or --endpoint"
                 .into(),
         ));
     }
-    if args.dev {
+    if args.connect.dev {
         return Err(Failure::Usage(
             "--all-hosts asks the hosts of the config file; --dev uses none".into(),
         ));
@@ -84,7 +84,7 @@ async fn ask(config: &ClientConfig) -> HostAnswer {
             Failure::Silent(code) => format!("exit {code}"),
         },
     };
-    let tls = crate::load_tls(config, false).map_err(error)?;
+    let tls = crate::load_tls(config, "").map_err(error)?;
     let options = crate::connect_options(config);
     let client = Client::connect_any(&config.endpoints, &tls, &options)
         .await

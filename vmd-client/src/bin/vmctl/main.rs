@@ -12,12 +12,12 @@ mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use futures_util::future::join_all;
 use vmd_client::{
-    Client, ClientConfig, ClientError, ClientTls, ConnectOptions, Endpoint, error_chain,
+    Client, ClientConfig, ClientError, ClientTls, ConnectArgs, ConnectOptions, error_chain,
 };
 use vmd_proto::{Bytes, OperationId, OperationInfo, OperationStatus, VmName};
 
@@ -35,36 +35,11 @@ Exit codes:
 #[derive(Debug, Parser)]
 #[command(name = "vmctl", version, after_help = EXIT_CODES)]
 struct Args {
-    /// Where vmd listens: tcp://HOST:PORT, vsock://CID:PORT,
-    /// hvsock:///PATH:PORT or auto (vsock to the host, then the config's
-    /// auto_tcp, else loopback); repeatable, tried in order [default: from
-    /// the config file, else tcp://127.0.0.1:9876].
-    #[arg(long, short, global = true, value_parser = check_endpoint)]
-    endpoint: Vec<String>,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// Say on stderr which endpoints failed and which one answered.
     #[arg(long, short, global = true)]
     verbose: bool,
-    /// Client config file [default: $XDG_CONFIG_HOME/vmd/client.toml, then /etc/vmd/client.toml].
-    #[arg(long, short, global = true)]
-    config: Option<PathBuf>,
-    /// Use the development daemon of `vmd serve --dev` and its dev-admin certificate.
-    #[arg(long, global = true, conflicts_with = "config")]
-    dev: bool,
-    /// CA certificate (PEM).
-    #[arg(long, global = true)]
-    ca: Option<PathBuf>,
-    /// Client certificate (PEM).
-    #[arg(long, global = true)]
-    cert: Option<PathBuf>,
-    /// Client key (PEM).
-    #[arg(long, global = true)]
-    key: Option<PathBuf>,
-    /// The name the server certificate must carry.
-    #[arg(long, global = true)]
-    server_name: Option<String>,
-    /// Bound on each connection step, in milliseconds.
-    #[arg(long, global = true)]
-    timeout_ms: Option<u64>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -261,12 +236,6 @@ fn main() -> ExitCode {
 /// not answer.
 const SOME_HOST_SILENT: u8 = 4;
 
-/// Checks an `--endpoint` value at parse time; `auto` is expanded once
-/// the config (and its `auto_tcp`) is known.
-fn check_endpoint(text: &str) -> Result<String, vmd_client::endpoint::EndpointError> {
-    Endpoint::parse_list(text).map(|_| text.to_owned())
-}
-
 /// Config file, then `--host`, then flags on top; also names the file
 /// used, if any.
 fn settings(args: &Args) -> Result<(ClientConfig, Option<PathBuf>), Failure> {
@@ -291,50 +260,21 @@ fn with_file(err: &dyn std::error::Error, file: Option<&std::path::Path>) -> Str
 
 /// The config file (or the built-in defaults, or `--dev`'s).
 fn config_file(args: &Args) -> Result<(ClientConfig, Option<PathBuf>), Failure> {
-    if args.dev && args.host.is_some() {
+    if args.connect.dev && args.host.is_some() {
         return Err(Failure::Usage(
             "--host names a host of the config file; --dev uses none".into(),
         ));
     }
-    Ok(if args.dev {
-        (ClientConfig::dev(), None)
-    } else {
-        match args.config.clone().or_else(ClientConfig::find) {
-            Some(path) => (
-                ClientConfig::load(&path).map_err(|e| Failure::Usage(error_chain(&e)))?,
-                Some(path),
-            ),
-            None => (ClientConfig::default(), None),
-        }
-    })
+    args.connect
+        .config_file()
+        .map_err(|e| Failure::Usage(error_chain(&e)))
 }
 
 /// The flags on top of the settings.
 fn apply_flags(config: &mut ClientConfig, args: &Args) -> Result<(), Failure> {
-    if !args.endpoint.is_empty() {
-        let mut endpoints = Vec::new();
-        for text in &args.endpoint {
-            let list = Endpoint::parse_list_via(text, &config.auto_tcp)
-                .map_err(|e| Failure::Usage(e.to_string()))?;
-            endpoints.extend(list);
-        }
-        config.endpoints = endpoints;
-    }
-    let set = |slot: &mut PathBuf, flag: &Option<PathBuf>| {
-        if let Some(v) = flag {
-            slot.clone_from(v);
-        }
-    };
-    set(&mut config.ca, &args.ca);
-    set(&mut config.cert, &args.cert);
-    set(&mut config.key, &args.key);
-    if let Some(name) = &args.server_name {
-        config.server_name.clone_from(name);
-    }
-    if let Some(ms) = args.timeout_ms {
-        config.connect_timeout = Duration::from_millis(ms);
-    }
-    Ok(())
+    args.connect
+        .apply(config)
+        .map_err(|e| Failure::Usage(e.to_string()))
 }
 
 /// `vmctl config`: the effective settings.
@@ -472,15 +412,9 @@ async fn run(args: Args) -> Result<(), Failure> {
 }
 
 /// The TLS files of `config`, loaded.
-fn load_tls(config: &ClientConfig, dev: bool) -> Result<ClientTls, Failure> {
-    ClientTls::from_files(&config.ca, &config.cert, &config.key, &config.server_name).map_err(|e| {
-        let hint = if dev {
-            " (is `vmd serve --dev` running or has it run once?)"
-        } else {
-            ""
-        };
-        Failure::Usage(format!("{}{hint}", error_chain(&e)))
-    })
+fn load_tls(config: &ClientConfig, hint: &str) -> Result<ClientTls, Failure> {
+    ClientTls::from_files(&config.ca, &config.cert, &config.key, &config.server_name)
+        .map_err(|e| Failure::Usage(format!("{}{hint}", error_chain(&e))))
 }
 
 /// vmctl's connection options under `config`.
@@ -494,7 +428,7 @@ fn connect_options(config: &ClientConfig) -> ConnectOptions {
 
 /// Connects as `config` says, reporting on stderr with `--verbose`.
 async fn connect(config: &ClientConfig, args: &Args) -> Result<Client, Failure> {
-    let tls = load_tls(config, args.dev)?;
+    let tls = load_tls(config, args.connect.tls_hint())?;
     let options = connect_options(config);
     let started = Instant::now();
     let verbose = args.verbose;
