@@ -91,9 +91,17 @@ impl QmpClient {
             events: Vec::new(),
             patience,
         };
-        let greeting = client.next("greeting").await?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(greeting.to_string()));
+        // QEMU first writes what the previous client left unread (an
+        // event emitted as it left); keep such events, as any other.
+        loop {
+            let greeting = client.next("greeting").await?;
+            if greeting.get("QMP").is_some() {
+                break;
+            }
+            if greeting.get("event").is_none() {
+                return Err(QmpError::Protocol(greeting.to_string()));
+            }
+            client.events.push(greeting);
         }
         client.execute("qmp_capabilities", None).await?;
         Ok(client)

@@ -667,6 +667,9 @@ struct ErrorBody {
 /// One negotiated QMP connection. Dropping it closes the socket.
 /// Events that arrive between replies are skipped: a session is short,
 /// and vmd's monitor sees them all.
+/// Events left by an earlier client that may precede the greeting.
+const MAX_STALE_EVENTS: usize = 16;
+
 #[derive(Debug)]
 struct Session {
     stream: BufReader<UnixStream>,
@@ -685,12 +688,24 @@ impl Session {
             next_id: 0,
             line: Vec::new(),
         };
-        let greeting = session.read_value().await?;
-        if greeting.get("QMP").is_none_or(|qmp| !qmp.is_object()) {
-            return Err(BackendError::Protocol(format!(
-                "{} did not greet with a QMP banner",
-                socket.display()
-            )));
+        // QEMU writes what the previous client left unread (an event
+        // emitted as it left, such as the BALLOON_CHANGE of another
+        // client's `balloon`) to the next connection before its greeting:
+        // skip a few events, nothing else.
+        let mut stale = 0;
+        loop {
+            let greeting = session.read_value().await?;
+            if greeting.get("QMP").is_some_and(Value::is_object) {
+                break;
+            }
+            if greeting.get("event").is_none() || stale == MAX_STALE_EVENTS {
+                return Err(BackendError::Protocol(format!(
+                    "{} did not greet with a QMP banner",
+                    socket.display()
+                )));
+            }
+            stale += 1;
+            tracing::debug!(socket = %socket.display(), event = %greeting["event"], "skipped an event left before the greeting");
         }
         session.execute("qmp_capabilities", None).await?;
         Ok(session)
@@ -837,6 +852,15 @@ mod tests {
 
     impl Fake {
         fn start(script: impl Fn(&str, &Value) -> Vec<String> + Send + Sync + 'static) -> Self {
+            Self::start_after(None, script)
+        }
+
+        /// As [`Fake::start`], writing `stale` to each client before the
+        /// greeting, as QEMU does with output the previous client left.
+        fn start_after(
+            stale: Option<&'static str>,
+            script: impl Fn(&str, &Value) -> Vec<String> + Send + Sync + 'static,
+        ) -> Self {
             let dir = tempfile::tempdir().expect("temporary directory");
             let listener = UnixListener::bind(dir.path().join("vm.sock")).expect("bind");
             let script: Arc<Script> = Arc::new(script);
@@ -852,7 +876,7 @@ mod tests {
                         sessions: sessions.clone(),
                         live: true,
                     };
-                    tokio::spawn(serve(stream, script.clone(), log2.clone(), counted));
+                    tokio::spawn(serve(stream, stale, script.clone(), log2.clone(), counted));
                 }
             });
             Self {
@@ -881,11 +905,15 @@ mod tests {
 
     async fn serve(
         stream: UnixStream,
+        stale: Option<&'static str>,
         script: Arc<Script>,
         log: Arc<Mutex<Vec<(String, Value)>>>,
         mut counted: Counted,
     ) {
         let (reader, mut writer) = stream.into_split();
+        if let Some(line) = stale {
+            send(&mut writer, line).await;
+        }
         send(
             &mut writer,
             r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": ["oob"]}}"#,
@@ -1223,6 +1251,22 @@ mod tests {
             _ => qemu(command, args),
         });
         let error = qmp().query(&fake.socket()).await.expect_err("bad JSON");
+        assert!(matches!(error, BackendError::Protocol(_)), "{error:?}");
+    }
+
+    /// Output another client left unread reaches the next one before the
+    /// greeting (seen with a real QEMU after another client's `balloon`).
+    #[tokio::test]
+    async fn an_event_left_before_the_greeting_is_skipped() {
+        let stale = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "BALLOON_CHANGE", "data": {"actual": 201326592}}"#;
+        let fake = Fake::start_after(Some(stale), qemu);
+        qmp()
+            .query(&fake.socket())
+            .await
+            .expect("a query after a stale event");
+        // Anything else before the greeting is still not QMP.
+        let fake = Fake::start_after(Some(r#"{"return": {}}"#), qemu);
+        let error = qmp().query(&fake.socket()).await.expect_err("not QMP");
         assert!(matches!(error, BackendError::Protocol(_)), "{error:?}");
     }
 
